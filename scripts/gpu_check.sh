@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One call verifies everything on a GPU machine (no network needed): install the package (which
+# builds the CUDA extension), run the whole test suite including GPU tests, run the benchmarks,
+# and write logs + JSON to the output folder: $1, else $OUT, else ./gpu-check-out.
+#   bash scripts/gpu_check.sh /tmp/out
+# Exits non-zero if the install or any test fails (benchmarks still run after failed tests).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-gpu-check-out}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+py=${PYTHON:-python3}
+[ -d .whl ] && $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+
+{ date -u; git rev-parse HEAD 2>/dev/null; nvidia-smi; nvcc --version; $py -m pip list 2>/dev/null; } >"$out/env.txt" 2>&1
+
+start=$(date +%s)
+if ! LATENTEMBED_BUILD_CUDA=1 $py -m pip install --no-build-isolation --no-deps -e . >"$out/install.log" 2>&1; then
+  tail -40 "$out/install.log"; echo "gpu_check: install failed"; exit 1
+fi
+echo "install (extension build): $(( $(date +%s) - start )) s"
+$py -m latentembed info 2>&1 | tee "$out/info.txt"
+
+$py -m pytest tests -q -rs -p no:cacheprovider --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
+tests_rc=$?
+tail -25 "$out/tests.log"
+
+$py -m latentembed bench --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
+bench_rc=${PIPESTATUS[0]}
+echo "gpu_check: tests rc=$tests_rc, bench rc=$bench_rc, logs in $out"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -1,0 +1,122 @@
+"""Timing, memory and ceiling measurements shared by every op benchmark.
+
+Medians, never means: one slow outlier (a page fault, a clock change) must not move the number.
+On the GPU ``triton.testing.do_bench`` flushes L2 between runs; on CPU a plain timer loop.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class Measurement:
+    op: str
+    case: str  # e.g. "padded bf16 B64-L512-D4096"
+    impl: str  # "reference", "reference+compile", "triton", "cuda"
+    mode: str  # "fwd", "bwd", "fwd+bwd"
+    median_ms: float
+    bytes_moved: int  # the fewest bytes the mode must read + write, as the targets count them
+    gbps: float
+    pct_copy: float  # of the measured device-to-device copy bandwidth
+    peak_extra_mib: Optional[float]  # peak memory above what was allocated before the call
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(sorted(times)[len(times) // 2])
+
+
+def peak_extra_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak memory one call allocates beyond what is live before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    """Measured device copy bandwidth, counting bytes read plus bytes written."""
+    numel = (512 if device.type == "cuda" else 32) * 2**20 // 4
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def environment(device: torch.device) -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        info["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["commit"] = None
+    return info
+
+
+def measure(
+    op: str, case: str, impl: str, mode: str, fn: Callable[[], object], bytes_moved: int,
+    device: torch.device, copy_gbps: float,
+) -> Measurement:
+    ms = median_ms(fn, device)
+    gbps = bytes_moved / (ms * 1e-3) / 1e9
+    return Measurement(op, case, impl, mode, ms, bytes_moved, gbps, 100 * gbps / copy_gbps, peak_extra_mib(fn, device))
+
+
+def format_table(rows: list[Measurement]) -> str:
+    header = f"{'case':<34} {'impl':<18} {'mode':<8} {'median ms':>10} {'GB/s':>8} {'% copy':>7} {'peak MiB':>9}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        peak = "-" if r.peak_extra_mib is None else f"{r.peak_extra_mib:.1f}"
+        lines.append(
+            f"{r.case:<34} {r.impl:<18} {r.mode:<8} {r.median_ms:>10.4f} {r.gbps:>8.1f} {r.pct_copy:>6.1f}% {peak:>9}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(path: str, env: dict, copy_gbps: float, rows: list[Measurement]) -> None:
+    payload = {"environment": env, "copy_bandwidth_gbps": copy_gbps, "results": [asdict(r) for r in rows]}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=2) + "\n")

@@ -1,0 +1,156 @@
+"""Masked mean pooling: the mean of each sequence's kept hidden states.
+
+Three implementations behind one function: ``reference`` (plain PyTorch, the spec), ``triton``
+and ``cuda`` (the compiled extension). See :func:`masked_mean_pool`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..._extension import extension_unavailable
+from .. import _checks
+from .._dispatch import Backend, select_backend, triton_devices, triton_unavailable
+from . import cuda
+from .reference import masked_mean_pool_ref
+
+__all__ = ["masked_mean_pool", "masked_mean_pool_ref", "MaskedMeanFunction", "BACKENDS"]
+
+_KERNEL_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+
+
+def _kernels(name: str):
+    """(forward, backward) ops of a kernel backend."""
+    if name == "triton":
+        from . import triton  # on first use: importing triton takes a while
+
+        return triton.masked_mean_fwd_triton, triton.masked_mean_bwd_triton
+    return cuda.masked_mean_fwd_cuda, cuda.masked_mean_bwd_cuda
+
+
+def _cuda_unavailable() -> Optional[str]:
+    if not torch.cuda.is_available():
+        return "torch has no CUDA device"
+    return extension_unavailable()
+
+
+BACKENDS = (
+    Backend(
+        "cuda",
+        devices=frozenset({"cuda"}),
+        dtypes=_KERNEL_DTYPES,
+        auto_devices=frozenset({"cuda"}),
+        available=_cuda_unavailable,
+    ),
+    Backend(
+        "triton",
+        devices=triton_devices(),
+        dtypes=_KERNEL_DTYPES,
+        auto_devices=frozenset({"cuda"}),
+        available=triton_unavailable,
+    ),
+    Backend(
+        "reference",
+        devices=frozenset({"cpu", "cuda"}),
+        dtypes=_KERNEL_DTYPES | {torch.float64},
+        auto_devices=frozenset({"cpu", "cuda"}),
+    ),
+)
+
+
+class MaskedMeanFunction(torch.autograd.Function):
+    """Autograd wrapper over a kernel backend's forward and backward ops.
+
+    ``forward(hidden, mask, cu_seqlens, backend)`` with ``backend`` in ``{"triton", "cuda"}``;
+    arguments are assumed valid (see :func:`masked_mean_pool`).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, mask, cu_seqlens, backend: str):
+        forward, _ = _kernels(backend)
+        ctx.save_for_backward(mask, cu_seqlens)
+        ctx.backend = backend
+        ctx.length = hidden.shape[0] if cu_seqlens is not None else hidden.shape[1]
+        return forward(hidden, mask, cu_seqlens)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        mask, cu_seqlens = ctx.saved_tensors
+        _, backward = _kernels(ctx.backend)
+        grad_hidden = backward(grad_out.contiguous(), mask, cu_seqlens, ctx.length)
+        return grad_hidden, None, None, None
+
+
+def _check_args(hidden, mask, cu_seqlens, validate: bool) -> None:
+    _checks.check_tensor("hidden", hidden)
+    _checks.check_floating("hidden", hidden)
+    if cu_seqlens is not None:
+        if mask is not None:
+            raise ValueError("pass either mask (padded input) or cu_seqlens (packed input), not both")
+        _checks.check_ndim("hidden", hidden, 2, "[T, D] when cu_seqlens is given")
+        _checks.check_same_device("cu_seqlens", cu_seqlens, "hidden", hidden)
+        _checks.check_cu_seqlens(cu_seqlens, hidden.shape[0], "hidden", values=validate)
+    else:
+        _checks.check_ndim("hidden", hidden, 3, "[B, L, D] (or [T, D] with cu_seqlens)")
+        if hidden.shape[0] == 0:
+            raise ValueError(f"hidden has an empty batch (B = 0), shape {tuple(hidden.shape)}")
+        if mask is not None:
+            _checks.check_tensor("mask", mask)
+            if mask.dtype.is_floating_point or mask.dtype.is_complex:
+                raise TypeError(
+                    "mask must be bool or an integer dtype (1 = keep), got "
+                    f"{_checks.dtype_name(mask.dtype)}; use mask.bool() for 0/1 masks"
+                )
+            _checks.check_ndim("mask", mask, 2, "[B, L]")
+            if tuple(mask.shape) != tuple(hidden.shape[:2]):
+                raise ValueError(
+                    f"mask shape {tuple(mask.shape)} does not match hidden's [B, L] = "
+                    f"{tuple(hidden.shape[:2])} (hidden shape {tuple(hidden.shape)})"
+                )
+            _checks.check_same_device("mask", mask, "hidden", hidden)
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have D >= 1 features, got shape {tuple(hidden.shape)}")
+
+
+def masked_mean_pool(
+    hidden: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """Mean of the kept hidden states of each sequence.
+
+    Args:
+        hidden: padded [B, L, D] or packed [T, D] hidden states; float32, float16 or bfloat16
+            (float64 with the reference backend). Any strides.
+        mask: [B, L], bool or integer, nonzero = keep; padded input only. ``None`` keeps every
+            position.
+        cu_seqlens: [B+1] int32 offsets of the packed sequences (sequence b is rows
+            ``cu_seqlens[b]:cu_seqlens[b+1]``); packed input only.
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``
+            (``LATENTEMBED_BACKEND`` replaces ``"auto"``).
+        validate: check the values of ``cu_seqlens`` (starts at 0, non-decreasing, ends at T).
+            That reads them on the host, a device sync; pass ``False`` in hot loops whose
+            offsets are known to be valid. Shape, dtype and device checks always run.
+
+    Returns:
+        [B, D] in hidden's dtype, accumulated in float32. A sequence with nothing to keep gives
+        zeros, and its hidden states get zero gradient.
+
+    Example:
+        >>> h = torch.randn(2, 5, 8)
+        >>> mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+        >>> masked_mean_pool(h, mask).shape
+        torch.Size([2, 8])
+    """
+    _check_args(hidden, mask, cu_seqlens, validate)
+    chosen = select_backend("masked_mean_pool", BACKENDS, backend, hidden.device, hidden.dtype)
+    if chosen.name == "reference":
+        return masked_mean_pool_ref(hidden, mask, cu_seqlens)
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()
+    return MaskedMeanFunction.apply(hidden, mask, cu_seqlens, chosen.name)
