@@ -24,13 +24,14 @@ from .._dispatch import triton_interpreting
 from ._shapes import grad_hidden_shape, pooled_shape
 
 
+# (BLOCK_L, BLOCK_D, num_warps) tried by the autotuner on the GPU.
+GPU_CONFIGS = [(8, 256, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (8, 512, 4), (32, 256, 8)]
+
+
 def _configs():
     if triton_interpreting():  # the interpreter runs each program in numpy: big tiles, few programs
         return [triton.Config({"BLOCK_L": 32, "BLOCK_D": 256}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_L": bl, "BLOCK_D": bd}, num_warps=w)
-        for bl, bd, w in [(8, 256, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (8, 512, 4), (32, 256, 8)]
-    ]
+    return [triton.Config({"BLOCK_L": bl, "BLOCK_D": bd}, num_warps=w) for bl, bd, w in GPU_CONFIGS]
 
 
 @triton.jit
