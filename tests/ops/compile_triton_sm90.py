@@ -20,21 +20,29 @@ H100 = GPUTarget("cuda", 90, 32)
 LAYOUTS = {"padded-mask": (True, False), "padded-nomask": (False, False), "packed": (False, True)}
 
 
-def compile_for_h100(jit_fn, signature: dict, constexprs: dict, num_warps: int):
-    fn = jit_fn.fn if isinstance(jit_fn, triton.runtime.Autotuner) else jit_fn
-    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=H100,
-                          options={"num_warps": num_warps})
+def aligned(signature: dict, constexprs: dict, unit_strides) -> tuple:
+    """Specialise like a launch on contiguous tensors whose sizes are multiples of 16: Triton then
+    turns unit strides into constants and marks pointers and ints as 16-divisible, which is
+    what lets it emit 16-byte vector accesses."""
+    signature, constexprs = dict(signature), dict(constexprs)
+    for name in unit_strides:
+        signature[name], constexprs[name] = "constexpr", 1
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, t) in enumerate(signature.items()) if t != "constexpr"}
+    return signature, constexprs, attrs
 
 
 def masked_mean_variants(kind: str):
-    """(name, kernel, signature, constexprs, num_warps) for every dtype, layout and config."""
+    """(name, kernel, signature, constexprs, attrs, num_warps) for every dtype, layout and config:
+    each config specialised as a contiguous aligned launch, plus one generic (strided) build."""
     kernel = mm._masked_mean_fwd_kernel if kind == "fwd" else mm._masked_mean_bwd_kernel
     if kind == "fwd":
         names = ["h_ptr", "mask_ptr", "cu_ptr", "out_ptr", "L", "D", "stride_hb", "stride_hl",
                  "stride_hd", "stride_mb", "stride_ml", "stride_ob"]
+        unit_strides = ["stride_hd", "stride_ml"]
     else:
         names = ["grad_out_ptr", "mask_ptr", "cu_ptr", "grad_h_ptr", "L", "D", "stride_gob",
                  "stride_mb", "stride_ml", "stride_gb", "stride_gl"]
+        unit_strides = ["stride_ml"]
     for dtype in ("bf16", "fp16", "fp32"):
         # Every autotune config for bf16 (the benchmarked dtype), the first for the others.
         configs = mm.GPU_CONFIGS if dtype == "bf16" else mm.GPU_CONFIGS[:1]
@@ -47,19 +55,28 @@ def masked_mean_variants(kind: str):
                 flags["mask_ptr"] = None
             if not varlen:
                 flags["cu_ptr"] = None
-            for block_l, block_d, warps in configs:
+            for i, (block_l, block_d, warps) in enumerate(configs):
                 constexprs = {**flags, "BLOCK_L": block_l, "BLOCK_D": block_d}
-                signature.update({k: "constexpr" for k in constexprs})
+                sig = {**signature, **{k: "constexpr" for k in constexprs}}
                 name = f"masked_mean_{kind} {dtype} {layout} L{block_l}-D{block_d}-w{warps}"
-                yield name, kernel, dict(signature), constexprs, warps
+                yield name + " aligned", kernel, *aligned(sig, constexprs, unit_strides), warps
+                if i == 0:
+                    yield name + " strided", kernel, sig, constexprs, {}, warps
 
 
 def main(kinds):
     for kind in kinds:
-        for name, kernel, signature, constexprs, warps in masked_mean_variants(kind):
-            compiled = compile_for_h100(kernel, signature, constexprs, warps)
+        for name, kernel, signature, constexprs, attrs, warps in masked_mean_variants(kind):
+            fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+            src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+            compiled = triton.compile(src, target=H100, options={"num_warps": warps})
+            ptx = compiled.asm["ptx"]
             assert compiled.asm.get("cubin"), f"{name}: no cubin"
-            assert "st.global" in compiled.asm["ptx"], f"{name}: the kernel stores nothing"
+            assert "st.global" in ptx, f"{name}: the kernel stores nothing"
+            if name.endswith("aligned"):
+                # The bandwidth-bound accesses must be 16-byte vectors on aligned inputs.
+                wide = "ld.global.v4" if kind == "fwd" else "st.global.v4"
+                assert wide in ptx, f"{name}: no 16-byte {wide} accesses in the PTX"
             print("compiled", name, flush=True)
 
 

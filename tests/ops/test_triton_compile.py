@@ -19,11 +19,15 @@ from latentembed.ops.masked_mean.triton import GPU_CONFIGS  # noqa: E402
 SCRIPT = Path(__file__).with_name("compile_triton_sm90.py")
 
 
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(),
+    reason="on a GPU machine the other tests compile and run these kernels for the real device",
+)
 @pytest.mark.parametrize("kind", ["fwd", "bwd"])
 def test_masked_mean_kernels_compile_for_sm90(kind):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, str(SCRIPT), kind], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     compiled = [line for line in result.stdout.splitlines() if line.startswith("compiled ")]
-    # 3 layouts x (every config for bf16 + one each for fp16 and fp32)
-    assert len(compiled) == 3 * (len(GPU_CONFIGS) + 2), result.stdout
+    # 3 layouts x (bf16: every config aligned + 1 strided; fp16, fp32: 1 aligned + 1 strided)
+    assert len(compiled) == 3 * (len(GPU_CONFIGS) + 5), result.stdout
