@@ -172,21 +172,28 @@ def test_output_dtype_follows_input_and_auto_backend():
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_compiles_without_graph_break(backend):
-    # fullgraph=True fails on any graph break. On CPU aot_eager traces through dynamo and AOT
-    # autograd without generating C++; on the GPU inductor compiles around the op.
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_compiles_without_graph_break(backend, layout):
+    # fullgraph=True fails on any graph break (the packed layout also checks that the value checks
+    # of cu_seqlens, which read values, are skipped while compiling). On CPU aot_eager traces
+    # through dynamo and AOT autograd without generating C++; on the GPU inductor compiles.
     compile_backend = "inductor" if HAS_GPU else "aot_eager"
-    hidden = torch.randn(3, 10, 16, device=DEVICE, requires_grad=True)
-    mask = random_mask(3, 10)
+    if layout == "padded":
+        hidden = torch.randn(3, 10, 16, device=DEVICE, requires_grad=True)
+        mask, cu = random_mask(3, 10), None
+    else:
+        hidden, cu = packed([4, 0, 6], 16, torch.float32)
+        hidden.requires_grad_()
+        mask = None
 
     @torch.compile(fullgraph=True, backend=compile_backend)
-    def pooled_norm(h, m):
-        return masked_mean_pool(h * 2.0, m, backend=backend).square().sum()
+    def pooled_norm(h, m, c):
+        return masked_mean_pool(h * 2.0, m, cu_seqlens=c, backend=backend).square().sum()
 
-    loss = pooled_norm(hidden, mask)
+    loss = pooled_norm(hidden, mask, cu)
     (grad,) = torch.autograd.grad(loss, hidden)
     ref_hidden = hidden.detach().requires_grad_()
-    ref = masked_mean_pool_ref(ref_hidden * 2.0, mask).square().sum()
+    ref = masked_mean_pool_ref(ref_hidden * 2.0, mask, cu).square().sum()
     (ref_grad,) = torch.autograd.grad(ref, ref_hidden)
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(grad, ref_grad)
@@ -236,8 +243,8 @@ def test_cuda_matches_triton_at_benchmark_scale(dtype):
     check_forward_and_grad("triton", hidden, mask)
 
 
-def test_function_is_the_public_path():
-    # The autograd Function is usable directly with a backend name (for researchers composing ops).
+def test_function_can_be_applied_directly():
+    # The autograd Function takes a kernel backend's name, for code that composes ops itself.
     hidden = torch.randn(2, 4, 3, device=DEVICE, requires_grad=True)
     mask = random_mask(2, 4)
     out = MaskedMeanFunction.apply(hidden, mask, None, "triton")

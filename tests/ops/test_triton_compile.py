@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 from latentembed.ops.masked_mean.triton import GPU_CONFIGS  # noqa: E402
@@ -20,7 +21,7 @@ SCRIPT = Path(__file__).with_name("compile_triton_sm90.py")
 
 
 @pytest.mark.skipif(
-    __import__("torch").cuda.is_available(),
+    torch.cuda.is_available(),
     reason="on a GPU machine the other tests compile and run these kernels for the real device",
 )
 @pytest.mark.parametrize("kind", ["fwd", "bwd"])

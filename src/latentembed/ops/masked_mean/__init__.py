@@ -135,7 +135,8 @@ def masked_mean_pool(
             (``LATENTEMBED_BACKEND`` replaces ``"auto"``).
         validate: check the values of ``cu_seqlens`` (starts at 0, non-decreasing, ends at T).
             That reads them on the host, a device sync; pass ``False`` in hot loops whose
-            offsets are known to be valid. Shape, dtype and device checks always run.
+            offsets are known to be valid. Under torch.compile the value checks are skipped
+            (reading values would break the graph). Shape, dtype and device checks always run.
 
     Returns:
         [B, D] in hidden's dtype, accumulated in float32. A sequence with nothing to keep gives
