@@ -113,8 +113,9 @@ def _masked_mean_bwd_kernel(
             n = tl.sum(count, axis=0).to(tl.int64)
         else:
             n = end
-    scale = 1.0 / tl.maximum(n, 1).to(tl.float32)
-    g = tl.load(grad_out_ptr + b * stride_gob + offs_d, mask=d_ok, other=0.0).to(tl.float32) * scale
+    # A division, not a multiply by 1/n: the same rounding as the reference's autograd.
+    g = tl.load(grad_out_ptr + b * stride_gob + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    g = g / tl.maximum(n, 1).to(tl.float32)
     for row0 in range(start, end, BLOCK_L):
         rows = row0 + tl.arange(0, BLOCK_L)
         in_seq = rows < end
