@@ -20,6 +20,10 @@ if ! LATENTEMBED_BUILD_CUDA=1 $py -m pip install --no-build-isolation --no-deps 
   tail -40 "$out/install.log"; echo "gpu_check: install failed"; exit 1
 fi
 echo "install (extension build): $(( $(date +%s) - start )) s"
+# On a GPU machine a missing extension would only skip the cuda tests: make it an error here.
+if ! $py -c "import latentembed._extension as e; e.load_extension()" 2>>"$out/install.log"; then
+  tail -5 "$out/install.log"; echo "gpu_check: the CUDA extension does not load"; exit 1
+fi
 $py -m latentembed info 2>&1 | tee "$out/info.txt"
 
 $py -m pytest tests -q -rs -p no:cacheprovider --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
