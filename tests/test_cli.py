@@ -7,11 +7,8 @@ import sys
 import pytest
 
 
-def run_cli(*args, env_extra=None):
-    import os
-
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "latentembed", *args], capture_output=True, text=True, env=env, timeout=600)
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "latentembed", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_info_reports_versions_and_auto_backends():

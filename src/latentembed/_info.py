@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -30,7 +31,7 @@ def info() -> str:
         f"triton        {triton_version}{' (interpreter mode)' if triton_interpreting() else ''}",
         f"GPU           {torch.cuda.get_device_name() if has_gpu else 'none'}",
         f"extension     latentembed._C {ext}",
-        f"{ENV_VAR}  {__import__('os').environ.get(ENV_VAR, '(unset: auto)')}",
+        f"{ENV_VAR}  {os.environ.get(ENV_VAR, '(unset: auto)')}",
         "",
         "backend chosen by backend='auto':",
     ]

@@ -35,14 +35,10 @@ def masked_mean_variants(kind: str):
     """(name, kernel, signature, constexprs, attrs, num_warps) for every dtype, layout and config:
     each config specialised as a contiguous aligned launch, plus one generic (strided) build."""
     kernel = mm._masked_mean_fwd_kernel if kind == "fwd" else mm._masked_mean_bwd_kernel
-    if kind == "fwd":
-        names = ["h_ptr", "mask_ptr", "cu_ptr", "out_ptr", "L", "D", "stride_hb", "stride_hl",
-                 "stride_hd", "stride_mb", "stride_ml", "stride_ob"]
-        unit_strides = ["stride_hd", "stride_ml"]
-    else:
-        names = ["grad_out_ptr", "mask_ptr", "cu_ptr", "grad_h_ptr", "L", "D", "stride_gob",
-                 "stride_mb", "stride_ml", "stride_gb", "stride_gl"]
-        unit_strides = ["stride_ml"]
+    # The runtime arguments, read off the kernel: first the input, mask, cu_seqlens and output
+    # pointers, then sizes and strides.
+    names = [p.name for p in kernel.fn.params if not p.is_constexpr]
+    unit_strides = ["stride_hd", "stride_ml"] if kind == "fwd" else ["stride_ml"]
     for dtype in ("bf16", "fp16", "fp32"):
         # Every autotune config for bf16 (the benchmarked dtype), the first for the others.
         configs = mm.GPU_CONFIGS if dtype == "bf16" else mm.GPU_CONFIGS[:1]
