@@ -1,6 +1,6 @@
 """Optional CUDA extension ``latentembed._C``; all package metadata lives in pyproject.toml.
 
-The extension (csrc/bindings.cpp + csrc/**/*.cu) is built when torch is a CUDA build and nvcc
+The extension (csrc/**/*.cpp bindings + csrc/**/*.cu kernels) is built when torch is a CUDA build and nvcc
 is found (CUDA_HOME, or nvcc on the PATH). ``LATENTEMBED_BUILD_CUDA=1`` forces the build and
 fails with the reasons when it is impossible; ``LATENTEMBED_BUILD_CUDA=0`` skips it. Otherwise a
 machine without CUDA (or without torch) gets the pure-Python package, without error.
@@ -54,16 +54,18 @@ def _cuda_extension_kwargs() -> dict:
 
     # torch reads the variable when it compiles; it picks every known architecture otherwise.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-    sources = ["csrc/bindings.cpp"] + sorted(
+    # Each op folder holds its kernels (.cu, no torch headers) and its bindings (.cpp).
+    sources = sorted(
         os.path.relpath(path, ROOT)
-        for path in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True)
+        for ext in ("cpp", "cu")
+        for path in glob.glob(os.path.join(ROOT, "csrc", "**", f"*.{ext}"), recursive=True)
     )
     extension = CUDAExtension(
         name="latentembed._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
-            # The C++ standard for bindings.cpp is left to torch: its headers need C++17 or
+            # The C++ standard for the bindings is left to torch: its headers need C++17 or
             # C++20 depending on the version, and BuildExtension adds the right one.
             "cxx": ["-O3"],
             # No --use_fast_math: the mean divides by the count exactly, like the reference.

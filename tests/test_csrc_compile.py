@@ -1,7 +1,7 @@
 """The CUDA sources compile on a CPU-only machine: CI catches C++ errors without a GPU.
 
 Every csrc/**/*.cu file is compiled alone with nvcc for sm_90 (the kernels include no torch
-header, so no CUDA build of torch is needed), and csrc/bindings.cpp gets a syntax-only g++
+header, so no CUDA build of torch is needed), and every csrc/**/*.cpp bindings file gets a syntax-only g++
 pass against the installed torch's headers plus the CUDA toolkit's. Nothing here runs a kernel.
 """
 
@@ -17,7 +17,7 @@ import pytest
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CU_FILES = sorted(CSRC.glob("**/*.cu"))
-BINDINGS = CSRC / "bindings.cpp"
+BINDINGS = sorted(CSRC.glob("**/*.cpp"))
 
 # BuildExtension compiles .cu files with these (no implicit half/bfloat16 conversions): use
 # them here too, so code that only compiles without them fails in CI rather than at install.
@@ -66,7 +66,7 @@ def _run(cmd: list[str]) -> None:
 
 def test_kernel_sources_exist():
     assert CU_FILES, f"no .cu files under {CSRC}"
-    assert BINDINGS.is_file(), f"missing {BINDINGS}"
+    assert BINDINGS, f"no .cpp bindings under {CSRC}"
 
 
 @pytest.mark.parametrize("cu_file", CU_FILES, ids=[p.name for p in CU_FILES])
@@ -80,7 +80,8 @@ def test_cu_compiles_with_nvcc(cu_file: Path, tmp_path: Path):
     )
 
 
-def test_bindings_syntax(tmp_path: Path):
+@pytest.mark.parametrize("bindings", BINDINGS, ids=[str(p.relative_to(CSRC)) for p in BINDINGS])
+def test_bindings_syntax(bindings: Path, tmp_path: Path):
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ not found on the PATH")
@@ -103,4 +104,4 @@ def test_bindings_syntax(tmp_path: Path):
         stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         stub_dirs.append(str(tmp_path / "stub"))
     includes = [f"-I{d}" for d in [*torch_includes, cuda_include, str(CSRC), *stub_dirs]]
-    _run([gxx, "-fsyntax-only", "-std=c++17", *includes, str(BINDINGS)])
+    _run([gxx, "-fsyntax-only", "-std=c++17", *includes, str(bindings)])

@@ -2,7 +2,7 @@
 //
 // No torch/ATen/c10 header on purpose: this file and masked_mean.cu compile alone with
 // `nvcc -arch=sm_90 -c` on machines whose torch has no CUDA headers (CPU CI), and the torch
-// glue lives in csrc/bindings.cpp. Sizes and strides are int64 and counted in elements.
+// glue lives in csrc/masked_mean/bindings.cpp. Sizes and strides are int64 and counted in elements.
 //
 // Shapes (B sequences, D features):
 //   padded: hidden [B, L, D], mask [B, L] (nonzero byte = keep; nullptr keeps every row)

@@ -1,0 +1,1 @@
+"""Model configs, the bidirectional decoder and checkpoint I/O."""

@@ -1,0 +1,1 @@
+"""nn.Modules built on latentembed.ops: norms, rotary, attention, MLP, pooling, LoRA, losses."""
