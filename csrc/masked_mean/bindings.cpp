@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "common/torch_utils.h"
 #include "masked_mean/masked_mean.cuh"
 
 namespace latentembed {
@@ -31,17 +32,6 @@ void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& 
                        const char* ref_name) {
   TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name,
               " (", ref.device(), "), got ", t.device());
-}
-
-MaskedMeanDtype kernel_dtype(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return MaskedMeanDtype::kFloat32;
-    case at::kHalf: return MaskedMeanDtype::kFloat16;
-    case at::kBFloat16: return MaskedMeanDtype::kBFloat16;
-    default:
-      TORCH_CHECK(false, name, " must have dtype float32, float16 or bfloat16, got ",
-                  t.scalar_type());
-  }
 }
 
 // The mask's bytes ([batch, length], any strides) or nullptr when absent.
@@ -74,16 +64,12 @@ at::Tensor checked_cu_seqlens(const at::Tensor& cu_seqlens, const at::Tensor& re
   return cu_seqlens.contiguous();
 }
 
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
 // hidden [B, L, D] (+ mask [B, L]) or [T, D] + cu_seqlens [B+1] -> [B, D], hidden's dtype.
 at::Tensor masked_mean_fwd_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& mask,
                                 const std::optional<at::Tensor>& cu_seqlens) {
   check_cuda_tensor(hidden, "hidden");
   MaskedMeanFwdParams p{};
-  p.dtype = kernel_dtype(hidden, "hidden");
+  p.dtype = kernel_dtype<MaskedMeanDtype>(hidden, "hidden");
   const c10::cuda::CUDAGuard guard(hidden.device());
 
   at::Tensor cu;
@@ -125,7 +111,7 @@ at::Tensor masked_mean_bwd_cuda(const at::Tensor& grad_out, const std::optional<
                                 const std::optional<at::Tensor>& cu_seqlens, int64_t length) {
   check_cuda_tensor(grad_out, "grad_out");
   MaskedMeanBwdParams p{};
-  p.dtype = kernel_dtype(grad_out, "grad_out");
+  p.dtype = kernel_dtype<MaskedMeanDtype>(grad_out, "grad_out");
   TORCH_CHECK(grad_out.dim() == 2, "grad_out must have 2 dims [B, D], got shape ",
               grad_out.sizes());
   TORCH_CHECK(length >= 0, "length must be >= 0, got ", length);

@@ -28,6 +28,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../common/device_utils.cuh"
+
 namespace latentembed {
 namespace {
 
@@ -37,44 +39,6 @@ constexpr int kThreads = 32 * kWarps;
 static_assert(kWarps * kRowsPerWarp == 32, "one ballot word covers one group of rows");
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr unsigned kWarpRowsMask = (1u << kRowsPerWarp) - 1u;
-constexpr int64_t kMaxGridYZ = 65535;
-
-template <typename T>
-struct Convert;
-
-template <>
-struct Convert<float> {
-  static __device__ __forceinline__ float to_float(float x) { return x; }
-  static __device__ __forceinline__ float from_float(float x) { return x; }
-};
-
-template <>
-struct Convert<__half> {
-  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
-};
-
-template <>
-struct Convert<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) {
-    return __float2bfloat16_rn(x);
-  }
-};
-
-// VEC elements at p (16-byte aligned when VEC > 1) as fp32.
-template <typename T, int VEC>
-__device__ __forceinline__ void load_vec(const T* p, float (&out)[VEC]) {
-  if constexpr (VEC == 1) {
-    out[0] = Convert<T>::to_float(p[0]);
-  } else {
-    static_assert(VEC * sizeof(T) == sizeof(uint4), "vector accesses are 16 bytes");
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) out[j] = Convert<T>::to_float(e[j]);
-  }
-}
 
 // A VEC-element value in T's bit pattern, ready to store (uint4 for 16-byte vectors).
 template <typename T, int VEC>
@@ -102,16 +66,6 @@ struct Packed {
     }
   }
 };
-
-// Rows of packed sequence b, clamped to [0, total]: offsets that were never validated (the
-// Python side may skip that host sync) can give wrong results but never out-of-bounds accesses.
-__device__ __forceinline__ void sequence_rows(const int32_t* cu_seqlens, int64_t b, int64_t total,
-                                              int64_t* start, int64_t* end) {
-  const int64_t lo = cu_seqlens[b];
-  const int64_t hi = cu_seqlens[b + 1];
-  *start = lo < 0 ? 0 : (lo > total ? total : lo);
-  *end = hi < *start ? *start : (hi > total ? total : hi);
-}
 
 // Whether this lane's row of the current group is kept: in range and mask byte nonzero.
 __device__ __forceinline__ bool lane_keeps(const uint8_t* mask_row, int64_t stride_ml,
@@ -280,18 +234,6 @@ masked_mean_bwd_kernel(const MaskedMeanBwdParams p) {
   }
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename T, int VEC>
-dim3 slice_grid(int64_t batch, int64_t dim, int64_t splits) {
-  const int64_t n_slices = ceil_div(dim, 32 * VEC);
-  return dim3(static_cast<unsigned>(batch),
-              static_cast<unsigned>(n_slices < kMaxGridYZ ? n_slices : kMaxGridYZ),
-              static_cast<unsigned>(splits));
-}
-
 template <typename T>
 cudaError_t launch_fwd(const MaskedMeanFwdParams& p, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
@@ -302,29 +244,11 @@ cudaError_t launch_fwd(const MaskedMeanFwdParams& p, cudaStream_t stream) {
   const dim3 block(32, kWarps);
   if (vectorize) {
     masked_mean_fwd_kernel<T, kVec>
-        <<<slice_grid<T, kVec>(p.batch, p.dim, 1), block, 0, stream>>>(p);
+        <<<slice_grid<kVec>(p.batch, p.dim, 1), block, 0, stream>>>(p);
   } else {
-    masked_mean_fwd_kernel<T, 1><<<slice_grid<T, 1>(p.batch, p.dim, 1), block, 0, stream>>>(p);
+    masked_mean_fwd_kernel<T, 1><<<slice_grid<1>(p.batch, p.dim, 1), block, 0, stream>>>(p);
   }
   return cudaGetLastError();
-}
-
-// Row splits per sequence so that the grid holds about two waves of blocks.
-cudaError_t bwd_row_splits(int64_t blocks_per_split, int64_t rows_per_sequence, int64_t* splits) {
-  int device = 0;
-  int n_sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&n_sms, cudaDevAttrMultiProcessorCount, device);
-  }
-  if (err != cudaSuccess) return err;
-  const int64_t target_blocks = static_cast<int64_t>(n_sms) * (2048 / kThreads) * 2;
-  int64_t s = ceil_div(target_blocks, blocks_per_split);
-  const int64_t most = ceil_div(rows_per_sequence, 32);  // no split smaller than one group
-  if (s > most) s = most;
-  if (s > kMaxGridYZ) s = kMaxGridYZ;
-  *splits = s > 1 ? s : 1;
-  return cudaSuccess;
 }
 
 template <typename T>
@@ -338,15 +262,17 @@ cudaError_t launch_bwd(const MaskedMeanBwdParams& p, cudaStream_t stream) {
   const int64_t rows_per_sequence =
       p.cu_seqlens != nullptr ? ceil_div(p.length, p.batch) : p.length;
   int64_t splits = 1;
-  const cudaError_t err = bwd_row_splits(blocks_per_split, rows_per_sequence, &splits);
+  // No split smaller than one ballot group of 32 rows.
+  const cudaError_t err =
+      row_splits(blocks_per_split, rows_per_sequence, kThreads, 32, &splits);
   if (err != cudaSuccess) return err;
   const dim3 block(32, kWarps);
   if (vectorize) {
     masked_mean_bwd_kernel<T, kVec>
-        <<<slice_grid<T, kVec>(p.batch, p.dim, splits), block, 0, stream>>>(p);
+        <<<slice_grid<kVec>(p.batch, p.dim, splits), block, 0, stream>>>(p);
   } else {
     masked_mean_bwd_kernel<T, 1>
-        <<<slice_grid<T, 1>(p.batch, p.dim, splits), block, 0, stream>>>(p);
+        <<<slice_grid<1>(p.batch, p.dim, splits), block, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }

@@ -43,5 +43,5 @@ def info() -> str:
                     name = select_backend(op, backends, "auto", device, dtype).name
                 except BackendUnavailableError as e:
                     name = f"none ({e})"
-                lines.append(f"  {op:<20} {device.type:<5} {str(dtype).replace('torch.', ''):<9} -> {name}")
+                lines.append(f"  {op:<24} {device.type:<5} {str(dtype).replace('torch.', ''):<9} -> {name}")
     return "\n".join(lines)

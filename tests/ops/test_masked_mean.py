@@ -5,26 +5,12 @@ import torch
 
 from latentembed import masked_mean_pool, masked_mean_pool_ref
 from latentembed.ops.masked_mean import MaskedMeanFunction
+from tests.ops._common import BF16_ON_GPU, DEVICE, HAS_GPU, KERNEL_BACKENDS, dtype_params
 from tests.tolerances import assert_within_budget
 
-HAS_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_GPU else "cpu"
-
-KERNEL_BACKENDS = [
-    pytest.param("triton", id="triton"),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.cuda_ext]),
-]
-DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(
-        torch.bfloat16,
-        id="bf16",
-        # The interpreter converts to bf16 by truncation, not round-to-nearest as GPUs do, so
-        # its bf16 results are off by up to one ulp: tested on the GPU only.
-        marks=pytest.mark.skipif(not HAS_GPU, reason="bf16 Triton kernels are tested on the GPU"),
-    ),
-]
+# The interpreter converts to bf16 by truncation, not round-to-nearest as GPUs do, so its bf16
+# results are off by up to one ulp: tested on the GPU only.
+DTYPES = dtype_params(bf16_marks=BF16_ON_GPU)
 PADDED_SHAPES = [(1, 1, 1), (2, 3, 3), (3, 17, 127), (2, 5, 4097), (1, 1000, 8), (5, 64, 96)]
 PACKED_LENGTHS = [[1], [0, 3, 0, 5], [7, 0], [300, 1, 0, 2], [0], [40, 33, 1, 64, 9]]
 

@@ -19,6 +19,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .._extension import extension_unavailable
+
 BACKEND_NAMES = ("auto", "reference", "triton", "cuda")
 ENV_VAR = "LATENTEMBED_BACKEND"
 
@@ -124,3 +126,55 @@ def triton_interpreting() -> bool:
 def triton_devices() -> frozenset:
     """Triton compiles for CUDA; in interpreter mode it also accepts CPU tensors."""
     return frozenset({"cuda", "cpu"}) if triton_interpreting() else frozenset({"cuda"})
+
+
+# Declarations shared by the ops' BACKENDS lists (each op keeps its own order).
+
+#: Dtypes the Triton and CUDA kernels take; the references also take float64.
+KERNEL_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+_CUDA_ONLY = frozenset({"cuda"})
+
+
+def cuda_unavailable() -> Optional[str]:
+    """Why the compiled extension's ops cannot run in this process, or ``None``."""
+    if not torch.cuda.is_available():
+        return "torch has no CUDA device"
+    return extension_unavailable()
+
+
+def reference_backend(dtypes: frozenset = KERNEL_DTYPES | {torch.float64}) -> Backend:
+    """The plain-PyTorch backend: any device, picked by ``auto`` when nothing faster fits."""
+    both = frozenset({"cpu", "cuda"})
+    return Backend("reference", devices=both, dtypes=dtypes, auto_devices=both)
+
+
+def triton_backend(
+    dtypes: frozenset = KERNEL_DTYPES,
+    supports: Optional[Callable[..., Optional[str]]] = None,
+    auto: bool = True,
+) -> Backend:
+    """The Triton backend (CPU too under the interpreter); ``auto`` picks it on CUDA only."""
+    return Backend(
+        "triton",
+        devices=triton_devices(),
+        dtypes=dtypes,
+        auto_devices=_CUDA_ONLY if auto else frozenset(),
+        available=triton_unavailable,
+        supports=supports,
+    )
+
+
+def cuda_backend(
+    dtypes: frozenset = KERNEL_DTYPES,
+    supports: Optional[Callable[..., Optional[str]]] = None,
+    auto: bool = True,
+) -> Backend:
+    """The compiled extension's backend; ``auto=False`` keeps ``auto`` from picking it."""
+    return Backend(
+        "cuda",
+        devices=_CUDA_ONLY,
+        dtypes=dtypes,
+        auto_devices=_CUDA_ONLY if auto else frozenset(),
+        available=cuda_unavailable,
+        supports=supports,
+    )

@@ -10,15 +10,12 @@ from typing import Optional
 
 import torch
 
-from ..._extension import extension_unavailable
 from .. import _checks
-from .._dispatch import Backend, select_backend, triton_devices, triton_unavailable
+from .._dispatch import cuda_backend, reference_backend, select_backend, triton_backend
 from . import cuda
 from .reference import masked_mean_pool_ref
 
 __all__ = ["masked_mean_pool", "masked_mean_pool_ref", "MaskedMeanFunction", "BACKENDS"]
-
-_KERNEL_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 
 
 def _kernels(name: str):
@@ -30,33 +27,10 @@ def _kernels(name: str):
     return cuda.masked_mean_fwd_cuda, cuda.masked_mean_bwd_cuda
 
 
-def _cuda_unavailable() -> Optional[str]:
-    if not torch.cuda.is_available():
-        return "torch has no CUDA device"
-    return extension_unavailable()
-
-
 BACKENDS = (
-    Backend(
-        "cuda",
-        devices=frozenset({"cuda"}),
-        dtypes=_KERNEL_DTYPES,
-        auto_devices=frozenset({"cuda"}),
-        available=_cuda_unavailable,
-    ),
-    Backend(
-        "triton",
-        devices=triton_devices(),
-        dtypes=_KERNEL_DTYPES,
-        auto_devices=frozenset({"cuda"}),
-        available=triton_unavailable,
-    ),
-    Backend(
-        "reference",
-        devices=frozenset({"cpu", "cuda"}),
-        dtypes=_KERNEL_DTYPES | {torch.float64},
-        auto_devices=frozenset({"cpu", "cuda"}),
-    ),
+    cuda_backend(),
+    triton_backend(),
+    reference_backend(),
 )
 
 
