@@ -1,0 +1,182 @@
+"""latent_cross_attention: Triton kernels against the float64 reference, every gradient, edges."""
+
+import math
+
+import pytest
+import torch
+
+from latentembed.ops.latent_attention import latent_cross_attention, latent_cross_attention_ref
+from tests.ops._common import DEVICE, HAS_GPU, dtype_params
+from tests.tolerances import assert_within_budget
+
+NAMES = ("x", "ln_weight", "ln_bias", "m", "u")
+
+# tl.dot on bf16 is garbage in the interpreter: bf16 runs on the GPU only.
+DTYPES = dtype_params(bf16_marks=pytest.mark.gpu)
+# (T, D, H, R): one row; single and several row blocks; R below, at and above the 16-wide dot
+# minimum and not a power of two; D not a multiple of the D chunk; one and several heads.
+SHAPES = [(1, 3, 1, 1), (37, 24, 2, 5), (70, 64, 2, 16), (9, 130, 3, 33), (33, 40, 1, 7)]
+
+
+def make_inputs(T, D, H, R, dtype, device=DEVICE):
+    """Hidden states with an offset and uneven scale (LayerNorm has work to do), LayerNorm
+    parameters away from 1/0, and folded matrices scaled so that the softmax is far from uniform
+    (score std ~ 2) but not one-hot."""
+    x = (torch.randn(T, D, device=device) * (0.5 + torch.rand(D, device=device)) + 0.3).to(dtype)
+    ln_weight = 1 + 0.2 * torch.randn(D, device=device)
+    ln_bias = 0.1 * torch.randn(D, device=device)
+    m = (2 * torch.randn(H, R, D, device=device) / math.sqrt(D)).to(dtype)
+    u = (torch.randn(H, R, D, device=device) / math.sqrt(H)).to(dtype)
+    return x, ln_weight, ln_bias, m, u
+
+
+def plain_torch(x, ln_weight, ln_bias, m, u, eps):
+    """The block as plain PyTorch computes it in x's dtype: every intermediate (LN(x), scores,
+    probabilities, attention output) rounded to that dtype, as an eager module in fp16 does.
+    Its error against float64 is the budget's "PyTorch's own low-precision error": the kernels,
+    like any tensor-core implementation, multiply rounded operands (LN(x), P, dS), which the
+    fp32-internal reference never rounds."""
+    dt = x.dtype
+    xn = torch.nn.functional.layer_norm(x, (x.shape[1],), ln_weight.to(dt), ln_bias.to(dt), eps)
+    probs = torch.softmax(torch.einsum("td,hrd->thr", xn, m.to(dt)), dim=-1)
+    return x + torch.einsum("thr,hrd->td", probs, u.to(dt))
+
+
+def check_against_float64(inputs, backend="triton", eps=1e-5):
+    """Forward and every gradient under a random upstream gradient, each within its budget."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = latent_cross_attention(*leaves, eps=eps, backend=backend)
+    lowp = plain_torch(*leaves, eps)
+    exact_leaves = [t.detach().double().requires_grad_() for t in inputs]
+    exact = latent_cross_attention_ref(*exact_leaves, eps)
+    assert_within_budget("forward", out, lowp, exact)
+    grad_y = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_y)
+    grads_lowp = torch.autograd.grad(lowp, leaves, grad_y)
+    grads_exact = torch.autograd.grad(exact, exact_leaves, grad_y.double())
+    for name, g, gl, ge in zip(NAMES, grads, grads_lowp, grads_exact):
+        assert_within_budget(f"grad {name}", g, gl, ge)
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-D{}-H{}-R{}".format(*s))
+def test_triton_matches_float64_reference(dtype, shape):
+    check_against_float64(make_inputs(*shape, dtype))
+
+
+def test_triton_mixed_parameter_dtypes():
+    # fp16 rows with fp32 LayerNorm parameters and fp32 folded matrices (what a module holding
+    # fp32 weights passes under half precision): m and u are rounded to x's dtype, gradients
+    # come back in each argument's own dtype.
+    x, w, b, m, u = make_inputs(21, 48, 2, 9, torch.float16)
+    m32, u32 = m.float(), u.float()
+    _, grads = check_against_float64((x, w, b, m32, u32))
+    assert [g.dtype for g in grads] == [torch.float16, torch.float32, torch.float32, torch.float32, torch.float32]
+
+
+def test_triton_frozen_folded_matrices():
+    # Cached (eval-mode) M and U need no gradient: the backward skips their GEMMs, and the
+    # gradients that are needed are unchanged.
+    x, w, b, m, u = make_inputs(23, 40, 2, 9, torch.float32)
+    leaves = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
+    out = latent_cross_attention(x, w, b, m, u, backend="triton")
+    grad_y = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_y)
+    exact_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    exact = latent_cross_attention_ref(*exact_leaves, m.double(), u.double())
+    lowp = plain_torch(*leaves, m, u, 1e-5)
+    grads_exact = torch.autograd.grad(exact, exact_leaves, grad_y.double())
+    grads_lowp = torch.autograd.grad(lowp, leaves, grad_y)
+    for name, g, gl, ge in zip(NAMES, grads, grads_lowp, grads_exact):
+        assert_within_budget(f"grad {name}", g, gl, ge)
+
+
+def test_triton_non_contiguous_and_eps():
+    x, w, b, m, u = make_inputs(19, 32, 2, 6, torch.float32)
+    x_strided = torch.randn(19, 64)[:, ::2].copy_(x)
+    assert not x_strided.is_contiguous()
+    check_against_float64((x_strided, w, b, m.transpose(0, 1).contiguous().transpose(0, 1), u), eps=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_empty_rows(backend):
+    x, w, b, m, u = (t.requires_grad_() for t in make_inputs(0, 16, 2, 5, torch.float32))
+    y = latent_cross_attention(x, w, b, m, u, backend=backend)
+    assert y.shape == (0, 16)
+    (y.sum() * 1.0).backward()
+    for t in (x, w, b, m, u):
+        assert t.grad is not None and t.grad.shape == t.shape
+        assert torch.equal(t.grad, torch.zeros_like(t.grad))
+
+
+def test_reference_matches_unfolded_attention():
+    # The folded spec equals per-head attention with explicit queries, keys and values.
+    T, D, H, R, dh = 6, 10, 2, 4, 3
+    x = torch.randn(T, D, dtype=torch.float64)
+    w, b = 1 + 0.1 * torch.randn(D, dtype=torch.float64), 0.1 * torch.randn(D, dtype=torch.float64)
+    wq = torch.randn(H, dh, D, dtype=torch.float64)
+    k = torch.randn(H, R, dh, dtype=torch.float64)
+    v = torch.randn(H, R, dh, dtype=torch.float64)
+    wo = torch.randn(D, H, dh, dtype=torch.float64)
+    xn = torch.nn.functional.layer_norm(x, (D,), w, b, 1e-5)
+    expected = x.clone()
+    for h in range(H):
+        q = xn @ wq[h].T
+        p = torch.softmax(q @ k[h].T / math.sqrt(dh), dim=-1)
+        expected += (p @ v[h]) @ wo[:, h].T
+    m = torch.einsum("hrd,hde->hre", k, wq) / math.sqrt(dh)
+    u = torch.einsum("hrd,ehd->hre", v, wo)
+    torch.testing.assert_close(latent_cross_attention_ref(x, w, b, m, u), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_gradcheck_float64():
+    inputs = [t.double().requires_grad_() for t in make_inputs(4, 6, 2, 3, torch.float64, "cpu")]
+    assert torch.autograd.gradcheck(latent_cross_attention_ref, inputs)
+
+
+def test_autocast_does_not_change_the_result():
+    # Autocast is ignored: the op computes in x's dtype with fp32 internals either way.
+    inputs = make_inputs(11, 24, 2, 5, torch.float32)
+    plain = latent_cross_attention(*inputs)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        cast = latent_cross_attention(*inputs)
+    assert cast.dtype == torch.float32
+    torch.testing.assert_close(cast, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compiles_without_graph_break(backend):
+    compile_backend = "inductor" if HAS_GPU else "aot_eager"
+    x, w, b, m, u = (t.requires_grad_() for t in make_inputs(13, 32, 2, 5, torch.float32))
+
+    @torch.compile(fullgraph=True, backend=compile_backend)
+    def loss_fn(x, w, b, m, u):
+        return latent_cross_attention(x * 2.0, w, b, m, u, backend=backend).square().sum()
+
+    loss = loss_fn(x, w, b, m, u)
+    grads = torch.autograd.grad(loss, (x, w, b, m, u))
+    leaves = [t.detach().requires_grad_() for t in (x, w, b, m, u)]
+    ref = latent_cross_attention_ref(leaves[0] * 2.0, *leaves[1:]).square().sum()
+    ref_grads = torch.autograd.grad(ref, leaves)
+    torch.testing.assert_close(loss, ref)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_ops_pass_opcheck():
+    from latentembed.ops.latent_attention import triton as lat
+
+    x, w, b, m, u = make_inputs(9, 24, 2, 5, torch.float32)
+    torch.library.opcheck(lat.latent_attn_fwd_triton, (x, w, b, m, u, 1e-5))
+    y, probs, mean, rstd = lat.latent_attn_fwd_triton(x, w, b, m, u, 1e-5)
+    for need_dm, need_du in ((True, True), (False, False)):
+        args = (torch.randn_like(y), x, w, b, m, u, probs, mean, rstd, need_dm, need_du)
+        torch.library.opcheck(lat.latent_attn_bwd_triton, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nv_embed_v2_scale(dtype):
+    # NV-Embed-v2: 8 heads, 512 latents, hidden 4096, ~4.6k pooled rows (16 x 64..512 tokens).
+    check_against_float64(make_inputs(4637, 4096, 8, 512, dtype))
