@@ -1,0 +1,289 @@
+"""The decoder backbone of LLM embedding models: Mistral / Llama / Qwen2, bidirectional by default.
+
+Module names match Hugging Face checkpoints without the ``model.`` prefix (``embed_tokens``,
+``layers.N.self_attn.q_proj``, ``layers.N.mlp.gate_proj``, ``norm``), so state dicts load as is
+(see :mod:`latentembed.models.checkpoint`). There is no LM head: an embedding model needs the
+hidden states only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..modules.attention import (
+    PACKED_ONLY,
+    AttentionInputs,
+    GroupedQueryAttention,
+    dense_packed_mask,
+    dense_padding_mask,
+    packed_backend_available,
+    select_attention_backend,
+)
+from ..modules.adapter_routing import checkpoint_context_fn, sequence_layout
+from ..modules.mlp import SwiGLUMLP
+from ..modules.norms import RMSNorm
+from ..modules.rotary import RotaryEmbedding, packed_positions, padded_positions
+from ..ops import _checks
+from .config import DecoderConfig
+
+
+@dataclass
+class DecoderOutput:
+    """``last_hidden_state``: final-norm output, [B, L, D] (padding rows are 0) or [T, D].
+    ``hidden_states``: with ``output_hidden_states=True``, the embeddings and every layer's
+    output before the final norm (``num_hidden_layers + 1`` tensors, same layout)."""
+
+    last_hidden_state: torch.Tensor
+    hidden_states: Optional[tuple[torch.Tensor, ...]] = None
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``h + attn(norm(h))`` then ``h + mlp(norm(h))``.
+
+    Shapes: ``hidden`` [B, L, D] or [T, D]; ``cos``/``sin`` [B, L, d] or [T, d].
+    """
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        c = config
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = GroupedQueryAttention(
+            c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.qkv_bias, c.o_bias
+        )
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = SwiGLUMLP(c.hidden_size, c.intermediate_size, c.mlp_bias)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, inputs)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class DecoderModel(nn.Module):
+    """Token embeddings, ``num_hidden_layers`` decoder layers and the final RMSNorm.
+
+    Args:
+        config: the :class:`DecoderConfig`.
+        causal: default attention mode; ``False`` (bidirectional, padding-only mask) suits
+            embedding models, ``True`` is the original LLM's full causal attention. Sliding-window
+            attention is not implemented (``config.sliding_window`` is ignored), so a model
+            trained with one (Mistral-7B-v0.1: 4096) differs from it on sequences longer than
+            the window.
+        attn_backend: default attention backend, ``"auto"`` or one of flash, varlen, sdpa, math.
+
+    Attributes:
+        gradient_checkpointing: recompute each layer in the backward (saves activations).
+
+    Multi-LoRA (:mod:`latentembed.modules.lora`): when the model packs its input (``cu_seqlens``,
+    or padded input unpadded internally) it reports the row order through
+    :func:`~latentembed.modules.adapter_routing.sequence_layout`, so ``with lora_routing(model,
+    tasks): model(ids, mask)`` routes per sample whatever the layout; checkpointed layers are
+    recomputed under the routing they ran with.
+
+    Example:
+        >>> cfg = DecoderConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
+        ...                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        >>> model = DecoderModel(cfg)
+        >>> ids = torch.randint(0, 128, (2, 7))
+        >>> mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+        >>> model(ids, mask).last_hidden_state.shape
+        torch.Size([2, 7, 64])
+        >>> cu = torch.tensor([0, 7, 11], dtype=torch.int32)   # the same tokens, packed
+        >>> model(ids[mask.bool()], cu_seqlens=cu).last_hidden_state.shape
+        torch.Size([11, 64])
+    """
+
+    def __init__(self, config: DecoderConfig, causal: bool = False, attn_backend: str = "auto") -> None:
+        super().__init__()
+        self.config = config
+        self.causal = causal
+        self.attn_backend = attn_backend
+        self.gradient_checkpointing = False
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    def compile_layers(self, **kwargs) -> None:
+        """``torch.compile`` every decoder layer in place (``nn.Module.compile``: parameter
+        names, checkpoints and adapter targets are unchanged). The layer has no graph break;
+        compiling fuses its norms, rotary and SwiGLU elementwise work. With the varlen/flash
+        backends ``max_seqlen`` is a Python int, so a new longest length may recompile; pass
+        ``dynamic=True`` for training on varied batches (not measured on a GPU yet)."""
+        for layer in self.layers:
+            layer.compile(**kwargs)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        *,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: Optional[int] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        causal: Optional[bool] = None,
+        attn_backend: Optional[str] = None,
+        unpad: Union[bool, str] = "auto",
+        output_hidden_states: bool = False,
+        validate: bool = True,
+    ) -> DecoderOutput:
+        """Run the backbone on padded or packed tokens.
+
+        Args:
+            input_ids: [B, L] (padded) or [T] (packed, with ``cu_seqlens``).
+            attention_mask: [B, L], 1/True = real token (left or right padding); padded only.
+            cu_seqlens: int32 [B+1] sequence offsets of packed input.
+            max_seqlen: longest packed sequence (read from ``cu_seqlens`` when needed and None).
+            inputs_embeds: [B, L, D] or [T, D] instead of ``input_ids``.
+            position_ids: [B, L] or [T]; default counts real tokens from 0 in every sequence.
+            causal / attn_backend: override the model's defaults for this call.
+            unpad: padded input only: ``True`` packs the real tokens, runs packed and re-pads
+                (no compute on padding); ``"auto"`` does so when a packed kernel (flash or
+                varlen) can run; ``False`` never.
+            output_hidden_states: also return every layer's output.
+            validate: check ``cu_seqlens`` values (one host sync).
+
+        Returns:
+            :class:`DecoderOutput` in the input's layout.
+        """
+        causal = self.causal if causal is None else causal
+        backend = attn_backend or self.attn_backend
+        hidden = self._embed(input_ids, inputs_embeds, packed=cu_seqlens is not None)
+        compute_dtype = self._compute_dtype(hidden)
+        if cu_seqlens is not None:
+            if attention_mask is not None:
+                raise ValueError("pass either attention_mask (padded input) or cu_seqlens (packed input), not both")
+            _checks.check_same_device("cu_seqlens", cu_seqlens, "input", hidden)
+            _checks.check_cu_seqlens(cu_seqlens, hidden.shape[0], "input_ids", values=validate)
+            positions = packed_positions(cu_seqlens, hidden.shape[0]) if position_ids is None else position_ids
+            name = select_attention_backend(backend, hidden.device, compute_dtype, packed=True)
+            return self._run_packed(hidden, positions, cu_seqlens, max_seqlen, causal, name, output_hidden_states)
+
+        B, L, _ = hidden.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, L, dtype=torch.bool, device=hidden.device)
+        self._check_mask(attention_mask, hidden)
+        mask = attention_mask.bool()
+        if unpad == "auto":
+            unpad = backend in PACKED_ONLY or (
+                backend == "auto" and packed_backend_available(hidden.device, compute_dtype) is not None
+            )
+        if unpad or backend in PACKED_ONLY:
+            return self._run_unpadded(hidden, mask, position_ids, causal, backend, compute_dtype, output_hidden_states)
+        name = select_attention_backend(backend, hidden.device, compute_dtype, packed=False)
+        positions = padded_positions(mask) if position_ids is None else position_ids
+        inputs = AttentionInputs(name, causal, dense_mask=dense_padding_mask(mask, causal))
+        last, states = self._run_layers(hidden, positions, inputs, output_hidden_states)
+        # Padding rows carry finite values that no real token saw; return zeros there so the
+        # padded result equals the unpadded one.
+        keep = mask.unsqueeze(-1)
+        last = torch.where(keep, last, 0.0)
+        if states is not None:
+            states = tuple(torch.where(keep, s, 0.0) for s in states)
+        return DecoderOutput(last, states)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _embed(self, input_ids, inputs_embeds, packed: bool) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            _checks.check_tensor("input_ids", input_ids)
+            want = 1 if packed else 2
+            if input_ids.ndim != want:
+                layout = "[T] with cu_seqlens" if packed else "[B, L] (or [T] with cu_seqlens)"
+                raise ValueError(f"input_ids must have {want} dims {layout}, got shape {tuple(input_ids.shape)}")
+            if input_ids.dtype.is_floating_point:
+                raise TypeError(f"input_ids must be an integer tensor, got {_checks.dtype_name(input_ids.dtype)}")
+            return self.embed_tokens(input_ids)
+        _checks.check_tensor("inputs_embeds", inputs_embeds)
+        want = 2 if packed else 3
+        if inputs_embeds.ndim != want or inputs_embeds.shape[-1] != self.config.hidden_size:
+            layout = "[T, D]" if packed else "[B, L, D]"
+            raise ValueError(
+                f"inputs_embeds must have shape {layout} with D = {self.config.hidden_size}, "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
+        return inputs_embeds
+
+    @staticmethod
+    def _check_mask(mask: torch.Tensor, hidden: torch.Tensor) -> None:
+        _checks.check_tensor("attention_mask", mask)
+        if tuple(mask.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(
+                f"attention_mask must have shape [B, L] = {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}"
+            )
+        if mask.dtype.is_floating_point:
+            raise TypeError(f"attention_mask must be bool or integer (1 = real), got {_checks.dtype_name(mask.dtype)}")
+        _checks.check_same_device("attention_mask", mask, "input", hidden)
+
+    @staticmethod
+    def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+        """dtype the attention sees: the autocast dtype when autocast is on."""
+        dev = hidden.device.type
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return hidden.dtype
+
+    def _run_layers(self, hidden, positions, inputs: AttentionInputs, output_hidden_states: bool):
+        cos, sin = self.rotary_emb(positions, hidden.dtype)
+        states = [hidden] if output_hidden_states else None
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        # The recompute runs in the backward, possibly under another LoRA routing (several
+        # forwards, one backward): record this forward's routing for it.
+        context_fn = checkpoint_context_fn(self) if recompute else None
+        for layer in self.layers:
+            if recompute:
+                hidden = checkpoint(layer, hidden, cos, sin, inputs, use_reentrant=False, context_fn=context_fn)
+            else:
+                hidden = layer(hidden, cos, sin, inputs)
+            if states is not None:
+                states.append(hidden)
+        return self.norm(hidden), (tuple(states) if states is not None else None)
+
+    def _run_packed(self, hidden, positions, cu_seqlens, max_seqlen, causal, name, output_hidden_states):
+        inputs = AttentionInputs(name, causal, cu_seqlens=cu_seqlens)
+        if name in PACKED_ONLY:
+            if max_seqlen is None:
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            inputs.max_seqlen = max_seqlen
+        else:
+            inputs.dense_mask = dense_packed_mask(cu_seqlens, hidden.shape[0], causal)
+        # Per-sample LoRA routing (if any) must know which rows belong to which sequence.
+        with sequence_layout(self, cu_seqlens, hidden.shape[0]):
+            last, states = self._run_layers(hidden, positions, inputs, output_hidden_states)
+        return DecoderOutput(last, states)
+
+    def _run_unpadded(self, hidden, mask, position_ids, causal, backend, compute_dtype, output_hidden_states):
+        B, L, D = hidden.shape
+        # One host sync for the number of real tokens: the packed shapes depend on it.
+        index = mask.reshape(-1).nonzero().squeeze(1)
+        lengths = mask.sum(-1)
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=hidden.device)
+        cu[1:] = lengths.cumsum(0)
+        packed = hidden.reshape(B * L, D).index_select(0, index)
+        if position_ids is not None:
+            positions = position_ids.reshape(-1).index_select(0, index)
+        else:
+            positions = packed_positions(cu, packed.shape[0])
+        name = select_attention_backend(backend, hidden.device, compute_dtype, packed=True)
+        max_seqlen = int(lengths.max()) if name in PACKED_ONLY else None
+        out = self._run_packed(packed, positions, cu, max_seqlen, causal, name, output_hidden_states)
+
+        def repad(x: torch.Tensor) -> torch.Tensor:
+            return x.new_zeros(B * L, x.shape[-1]).index_copy(0, index, x).view(B, L, x.shape[-1])
+
+        states = tuple(repad(s) for s in out.hidden_states) if out.hidden_states is not None else None
+        return DecoderOutput(repad(out.last_hidden_state), states)
+
+    def reset_buffers(self, device: Optional[torch.device] = None) -> None:
+        """Recompute non-persistent buffers (rotary frequencies), e.g. after meta-device loading."""
+        self.rotary_emb.reset_parameters(device)

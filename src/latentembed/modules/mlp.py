@@ -1,0 +1,32 @@
+"""SwiGLU feed-forward block: ``down(silu(gate(x)) * up(x))``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SwiGLUMLP(nn.Module):
+    """The Mistral / Llama / Qwen2 MLP.
+
+    The three projections are plain ``nn.Linear`` attributes named as in Hugging Face
+    checkpoints (``gate_proj``, ``up_proj``, ``down_proj``) so that adapters (LoRA) can
+    replace them by name with any module mapping [..., in] -> [..., out].
+
+    Shapes: ``x`` [..., D] -> [..., D].
+
+    Example:
+        >>> mlp = SwiGLUMLP(64, 96)
+        >>> mlp(torch.randn(5, 64)).shape
+        torch.Size([5, 64])
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
