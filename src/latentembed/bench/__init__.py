@@ -6,11 +6,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import masked_mean
+from . import contrastive, decoder, latent_attention, latent_attention_ops, masked_mean, multi_lora
 from .harness import copy_bandwidth_gbps, environment, format_table, write_json
 
 # op name -> module with run(device, copy_gbps, impls) and summarize(rows)
-BENCHMARKS = {masked_mean.OP: masked_mean}
+BENCHMARKS = {
+    module.OP: module
+    for module in (masked_mean, latent_attention_ops, latent_attention, contrastive, multi_lora, decoder)
+}
 
 
 def run_benchmarks(

@@ -1,0 +1,237 @@
+"""infonce_lse kernels against the float64 reference: every option, forward, rank and all gradients.
+
+Option sets that compare scores with a bound (threshold, margin) use quantized inputs: every
+score is then a multiple of 1/4, exact in every dtype, and the bounds sit between multiples
+(threshold k + 1/8; margin 0.9 * (k + 0.1) is at least 0.01 from any multiple of 1/4), so the
+kernel and the reference drop exactly the same candidates and the rank must match exactly.
+"""
+
+import pytest
+import torch
+
+from latentembed.ops.contrastive import InfoNCELSEFunction, infonce_lse, infonce_lse_ref
+from tests.ops.contrastive_helpers import (
+    DEVICE, HAS_GPU, VALUE_BASED, VALUE_FREE, check_against_reference, make_options, quantized,
+)
+from tests.ops._common import BF16_ON_GPU, KERNEL_BACKENDS, dtype_params
+
+# The interpreter's bf16 tl.dot is garbage (triton#11584): bf16 runs on the GPU only.
+DTYPES = dtype_params(bf16_marks=BF16_ON_GPU)
+
+
+@pytest.fixture(autouse=True)
+def small_groups(monkeypatch):
+    # Several document groups per row block and several backward chunks even at test sizes, so
+    # the merge of partial results and the chunk loop are exercised.
+    from latentembed.ops.contrastive import triton as tri
+
+    if not HAS_GPU:
+        monkeypatch.setattr(tri, "GROUP_DOCS", 16)
+        monkeypatch.setattr(tri, "CHUNK_DOCS", 32)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("option", VALUE_FREE)
+def test_options_match_reference(backend, dtype, option):
+    B, N, D = 23, 41, 67  # no multiple of any block
+    q = torch.randn(B, D, dtype=dtype, device=DEVICE)
+    d = torch.randn(N, D, dtype=dtype, device=DEVICE)
+    if option in ("diag", "owner-diag"):  # a query-query term: the same rows on both sides
+        d = q.clone()
+    scale = torch.tensor(0.2, device=DEVICE)
+    check_against_reference(backend, q, d, scale, make_options(option, q, d))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("option", VALUE_BASED)
+def test_score_bounds_match_reference(backend, dtype, option):
+    B, N, D = 29, 45, 40
+    q = quantized(B, D, dtype=dtype)
+    d = quantized(N, D, dtype=dtype)
+    opts = make_options(option, q, d)
+    check_against_reference(backend, q, d, torch.tensor(0.7, device=DEVICE), opts, exact_rank_required=True)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("option", ["pos", "all"])
+def test_subtract_positive_matches_reference(backend, dtype, option):
+    # The per-query InfoNCE loss lse - scale * s_pos, with the positive's gradient in the kernel.
+    B, N, D = 19, 37, 33
+    q = quantized(B, D, dtype=dtype)
+    d = quantized(N, D, dtype=dtype)
+    opts = make_options(option, q, d)
+    opts.setdefault("pos_index", torch.randint(0, N, (B,), device=DEVICE))
+    loss, _, _ = check_against_reference(
+        backend, q, d, torch.tensor(0.6, device=DEVICE), opts, exact_rank_required=True, subtract_positive=True
+    )
+    assert (loss >= -1e-4).all()  # lse >= the positive's own logit
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 7, 3), (6, 1, 127), (3, 17, 1), (18, 33, 64)],
+                         ids=lambda s: "B{}-N{}-D{}".format(*s))
+def test_odd_shapes(backend, shape):
+    B, N, D = shape
+    q = quantized(B, D, dtype=torch.float32)
+    d = quantized(N, D, dtype=torch.float32)
+    opts = {"pos_index": torch.randint(0, N, (B,), device=DEVICE)}
+    check_against_reference(backend, q, d, torch.tensor(1.3, device=DEVICE), opts, exact_rank_required=True)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", ["unit-scale100", "scores100"])
+def test_extreme_logits_do_not_overflow(backend, case):
+    # Entries +-1/4 over D = 16 are exact unit vectors; +-5/2 gives norm 10 and scores up to
+    # +-100. Every score and logit is then exact in fp32, so the comparison measures the
+    # logsumexp's own numerics at logits of 100 and 3000 (random score rounding at |z| = 3000
+    # is ~1e-4 and would make "2x PyTorch's error" a coin toss on near-tied rows).
+    B, N, D = 33, 40, 16
+    entry, scale = (0.25, 100.0) if case == "unit-scale100" else (2.5, 30.0)
+    q = entry * (2 * torch.randint(0, 2, (B, D), device=DEVICE) - 1).float()
+    d = entry * (2 * torch.randint(0, 2, (N, D), device=DEVICE) - 1).float()
+    opts = {"pos_index": torch.randint(0, N, (B,), device=DEVICE)}
+    lse, _, grads = check_against_reference(backend, q, d, torch.tensor(scale, device=DEVICE), opts)
+    assert torch.isfinite(lse).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_empty_candidate_sets_give_minus_inf_and_zero_gradient(backend):
+    B, N, D = 5, 12, 20
+    q = torch.randn(B, D, device=DEVICE)
+    d = torch.randn(N, D, device=DEVICE)
+    owner = torch.randint(0, 3, (N,), device=DEVICE)  # queries 3 and 4 own nothing
+    lse, _, (grad_q, _, grad_scale) = check_against_reference(
+        backend, q, d, torch.tensor(2.0, device=DEVICE), {"doc_owner": owner}
+    )
+    assert (lse[3:] == float("-inf")).all()
+    assert torch.equal(grad_q[3:], torch.zeros_like(grad_q[3:]))
+    assert torch.isfinite(grad_scale)
+
+
+def test_every_candidate_dropped_but_the_positive():
+    # threshold below every score: only the positive survives, lse = scale * s_pos, rank 0.
+    q = torch.randn(6, 16, device=DEVICE)
+    d = torch.randn(10, 16, device=DEVICE)
+    pos = torch.randint(0, 10, (6,), device=DEVICE)
+    scale = torch.tensor(3.0, device=DEVICE)
+    lse, n_above = infonce_lse(q, d, scale, pos_index=pos, threshold=-1e6, backend="triton")
+    expected = 3.0 * (q * d[pos]).sum(1)
+    torch.testing.assert_close(lse, expected, rtol=1e-5, atol=1e-5)
+    assert (n_above == 0).all()
+
+
+def test_function_can_be_applied_directly():
+    q = torch.randn(4, 8, device=DEVICE, requires_grad=True)
+    d = torch.randn(9, 8, device=DEVICE)
+    scale = torch.tensor(1.5, device=DEVICE)
+    lse, n_above = InfoNCELSEFunction.apply(q, d, scale, None, None, None, None, None, None, None, False, False,
+                                          "triton")
+    ref, _ = infonce_lse_ref(q, d, scale)
+    torch.testing.assert_close(lse, ref, rtol=1e-5, atol=1e-5)
+    assert not n_above.requires_grad
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_large_shapes_on_gpu(backend, dtype):
+    # Several groups, five backward chunks (B = 4100 > 4096 makes both backends pick their
+    # minimum, 1024-document chunks: 4 full ones and a 3-document tail) and the autotuned block
+    # sizes, at realistic sizes.
+    B, N, D = 4100, 4099, 4096
+    q = torch.nn.functional.normalize(torch.randn(B, D, device=DEVICE), dim=1).to(dtype)
+    d = torch.nn.functional.normalize(torch.randn(N, D, device=DEVICE), dim=1).to(dtype)
+    opts = make_options("pos-owner-key-diag", q, d)
+    opts.pop("doc_owner")  # in-batch negatives on: every query sees every document
+    check_against_reference(backend, q, d, torch.tensor(50.0, device=DEVICE), opts)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_default_pos_key_is_the_positives_key(backend):
+    # pos_key = doc_key[pos_index] when omitted: both calls must agree bit for bit.
+    B, N, D = 9, 26, 12
+    q, d = torch.randn(B, D, device=DEVICE), torch.randn(N, D, device=DEVICE)
+    pos = torch.randint(0, N, (B,), device=DEVICE)
+    key = torch.randint(0, 5, (N,), device=DEVICE)
+    scale = torch.tensor(2.0, device=DEVICE)
+    implicit = infonce_lse(q, d, scale, pos_index=pos, doc_key=key, backend=backend)
+    explicit = infonce_lse(q, d, scale, pos_index=pos, doc_key=key, pos_key=key[pos], backend=backend)
+    assert torch.equal(implicit[0], explicit[0]) and torch.equal(implicit[1], explicit[1])
+
+
+def test_backward_chunks_keep_the_grid_within_cuda_limits(monkeypatch):
+    # B = 1 asks for 2^22-document chunks; at N >= 2^24 an uncapped chunk would need more than
+    # 65535 groups along the grid's y dimension. Same cap in csrc/contrastive/bindings.cpp.
+    from latentembed.ops.contrastive import triton as tri
+
+    monkeypatch.setattr(tri, "CHUNK_DOCS", None)
+    monkeypatch.setattr(tri, "GROUP_DOCS", None)
+    for B, N in [(1, 1 << 24), (1, (1 << 26) + 5), (3, 1 << 30), (4096, 16384)]:
+        for group in (16, 256):
+            chunk = tri._chunk_docs(B, N, group)
+            assert chunk % group == 0 and -(-chunk // group) <= 65535, (B, N, group, chunk)
+        assert -(-N // tri._group_docs(B, N, torch.device("cpu"))) <= 65535
+    assert tri._chunk_docs(4096, 16384, 256) == 1024  # 8 MiB of bf16 dS at the target shape
+
+
+def test_in_place_narrowing_of_dq_is_exact():
+    # The fp32 dq accumulator is cast into its own storage row block by row block.
+    from latentembed.ops.contrastive.triton import _narrow_in_place
+
+    acc = torch.randn(37, 13)
+    for dtype in (torch.float16, torch.bfloat16):
+        for rows in (1, 4, 37, 64):
+            out = _narrow_in_place(acc.clone(), dtype, rows)
+            assert out.is_contiguous() and out.shape == acc.shape
+            assert torch.equal(out, acc.to(dtype)), (dtype, rows)
+
+
+@pytest.mark.parametrize("scale_kind", ["tensor", "float"])
+def test_validation_reads_the_device_once_and_never_without_validate(monkeypatch, scale_kind):
+    # Every host read of a tensor value goes through one of these; count them.
+    reads = []
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **k):
+            reads.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    q, d = torch.randn(5, 8, device=DEVICE), torch.randn(11, 8, device=DEVICE)
+    scale = torch.tensor(3.0, device=DEVICE) if scale_kind == "tensor" else 3.0
+    pos = torch.randint(0, 11, (5,), device=DEVICE)
+    key = torch.randint(0, 3, (11,), device=DEVICE)
+    kw = dict(pos_index=pos, doc_key=key, backend="reference")
+    infonce_lse(q, d, scale, validate=False, **kw)
+    assert reads == []
+    infonce_lse(q, d, scale, **kw)
+    assert reads == ["tolist"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_validate_false_never_syncs_on_gpu(backend):
+    # Forward and backward with validate=False, after a warm-up call (autotuning benchmarks sync).
+    B, N, D = 300, 1100, 96
+    q = torch.randn(B, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    d = torch.randn(N, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    scale = torch.tensor(5.0, device=DEVICE, requires_grad=True)
+    kw = dict(pos_index=torch.randint(0, N, (B,), device=DEVICE),
+              doc_key=torch.randint(0, 50, (N,), device=DEVICE), backend=backend, validate=False)
+
+    def step():
+        lse, _ = infonce_lse(q, d, scale, subtract_positive=True, **kw)
+        return torch.autograd.grad(lse.sum(), (q, d, scale))
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
