@@ -16,9 +16,12 @@ from latentembed.ops.latent_attention import (
     latent_cross_attention,
     latent_cross_attention_ref,
 )
-from tests.ops.test_latent_attention_xattn import NAMES, check_against_float64, make_inputs, plain_torch
+from tests.ops.test_latent_attention_xattn import (
+    check_against_float64,
+    check_frozen_folded_matrices,
+    make_inputs,
+)
 from tests.ops._common import DEVICE, dtype_params
-from tests.tolerances import assert_within_budget
 
 gpu_ext = [pytest.mark.gpu, pytest.mark.cuda_ext]
 
@@ -57,18 +60,7 @@ def test_cuda_mixed_parameter_dtypes():
 @pytest.mark.cuda_ext
 def test_cuda_frozen_folded_matrices():
     # m and u need no gradient: the backward skips their GEMMs; the other gradients are unchanged.
-    x, w, b, m, u = make_inputs(23, 40, 2, 9, torch.bfloat16)
-    leaves = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
-    out = latent_cross_attention(x, w, b, m, u, backend="cuda")
-    grad_y = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, grad_y)
-    exact_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    exact = latent_cross_attention_ref(*exact_leaves, m.double(), u.double())
-    lowp = plain_torch(*leaves, m, u, 1e-5)
-    grads_exact = torch.autograd.grad(exact, exact_leaves, grad_y.double())
-    grads_lowp = torch.autograd.grad(lowp, leaves, grad_y)
-    for name, g, gl, ge in zip(NAMES, grads, grads_lowp, grads_exact):
-        assert_within_budget(f"grad {name}", g, gl, ge)
+    check_frozen_folded_matrices("cuda", torch.bfloat16)
 
 
 @pytest.mark.gpu

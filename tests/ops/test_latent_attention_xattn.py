@@ -59,6 +59,23 @@ def check_against_float64(inputs, backend="triton", eps=1e-5):
     return out, grads
 
 
+def check_frozen_folded_matrices(backend, dtype):
+    """Gradients of x and the LayerNorm parameters when m and u need none (the backward then
+    skips their GEMMs), against float64 under the error budget."""
+    x, w, b, m, u = make_inputs(23, 40, 2, 9, dtype)
+    leaves = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
+    out = latent_cross_attention(x, w, b, m, u, backend=backend)
+    grad_y = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad_y)
+    exact_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    exact = latent_cross_attention_ref(*exact_leaves, m.double(), u.double())
+    lowp = plain_torch(*leaves, m, u, 1e-5)
+    grads_exact = torch.autograd.grad(exact, exact_leaves, grad_y.double())
+    grads_lowp = torch.autograd.grad(lowp, leaves, grad_y)
+    for name, g, gl, ge in zip(NAMES, grads, grads_lowp, grads_exact):
+        assert_within_budget(f"grad {name}", g, gl, ge)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-D{}-H{}-R{}".format(*s))
 def test_triton_matches_float64_reference(dtype, shape):
@@ -78,18 +95,7 @@ def test_triton_mixed_parameter_dtypes():
 def test_triton_frozen_folded_matrices():
     # Cached (eval-mode) M and U need no gradient: the backward skips their GEMMs, and the
     # gradients that are needed are unchanged.
-    x, w, b, m, u = make_inputs(23, 40, 2, 9, torch.float32)
-    leaves = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
-    out = latent_cross_attention(x, w, b, m, u, backend="triton")
-    grad_y = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, grad_y)
-    exact_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    exact = latent_cross_attention_ref(*exact_leaves, m.double(), u.double())
-    lowp = plain_torch(*leaves, m, u, 1e-5)
-    grads_exact = torch.autograd.grad(exact, exact_leaves, grad_y.double())
-    grads_lowp = torch.autograd.grad(lowp, leaves, grad_y)
-    for name, g, gl, ge in zip(NAMES, grads, grads_lowp, grads_exact):
-        assert_within_budget(f"grad {name}", g, gl, ge)
+    check_frozen_folded_matrices("triton", torch.float32)
 
 
 def test_triton_non_contiguous_and_eps():
