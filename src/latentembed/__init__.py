@@ -1,12 +1,17 @@
 """latentembed: building blocks of LLM-based text-embedding models.
 
-Layers import downward only: ``models`` (configs, the decoder, checkpoint I/O) use ``modules``
-(norms, attention, pooling, LoRA, losses), which call ``ops`` (reference / Triton / CUDA kernels).
+Layers import downward only: ``training`` and ``evaluation`` use ``models`` (configs, the decoder,
+the embedding model, checkpoint I/O), which use ``prompts`` / ``tokenization`` (instruction
+templates, pool masks, packing) and ``modules`` (norms, attention, pooling, LoRA, losses), which
+call ``ops`` (reference / Triton / CUDA kernels).
 """
 
+from .evaluation import evaluate_retrieval, exact_search, retrieval_metrics
 from .models.checkpoint import CheckpointError, load_decoder, save_decoder
 from .models.config import DecoderConfig
 from .models.decoder import DecoderModel, DecoderOutput
+from .models.embedding import EmbeddingModel
+from .models.embedding_config import EmbeddingConfig, LoRAConfig
 from .modules.contrastive import InfoNCELoss, InfoNCEOutput, cosine_normalize, infonce_loss
 from .modules.distributed import all_gather_with_grad
 from .modules.grad_cache import grad_cache_step
@@ -25,6 +30,9 @@ from .ops import (
     masked_mean_pool_ref,
     multi_lora_linear_add,
 )
+from .prompts import TEMPLATES, PromptTemplate, TaskPrompt, get_template, resolve_prompt
+from .tokenization import PackedBatch, TextTokenizer, pack_sequences, tokenize_with_prompts
+from .training import TrainConfig, train
 
 __version__ = "0.1.0"
 
@@ -34,18 +42,30 @@ __all__ = [
     "DecoderConfig",
     "DecoderModel",
     "DecoderOutput",
+    "EmbeddingConfig",
+    "EmbeddingModel",
     "InfoNCELoss",
     "InfoNCEOutput",
     "LatentAttentionPooling",
     "LatentAttentionPoolingReference",
+    "LoRAConfig",
     "MultiLoRALinear",
     "POOLING_MODES",
+    "PackedBatch",
     "Pooling",
+    "PromptTemplate",
+    "TEMPLATES",
+    "TaskPrompt",
+    "TextTokenizer",
+    "TrainConfig",
     "__version__",
     "all_gather_with_grad",
     "apply_multi_lora",
     "cosine_normalize",
+    "evaluate_retrieval",
+    "exact_search",
     "geglu_segment_mean",
+    "get_template",
     "grad_cache_step",
     "group_by_adapter",
     "infonce_loss",
@@ -57,7 +77,12 @@ __all__ = [
     "masked_mean_pool",
     "masked_mean_pool_ref",
     "multi_lora_linear_add",
+    "pack_sequences",
     "pool",
+    "resolve_prompt",
+    "retrieval_metrics",
     "save_decoder",
     "save_peft_adapter",
+    "tokenize_with_prompts",
+    "train",
 ]

@@ -1,4 +1,4 @@
-"""Command line: `python -m latentembed info` and `python -m latentembed bench`."""
+"""Command line: `python -m latentembed info|bench|train|eval` (`train -h` / `eval -h` for theirs)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,20 @@ from typing import Optional, Sequence
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # train and eval own their argument parsers: everything after the subcommand goes to them.
+    if argv and argv[0] == "train":
+        from .training.cli import main as train_main
+
+        return train_main(argv[1:])
+    if argv and argv[0] == "eval":
+        from .evaluation.cli import main as eval_main
+
+        return eval_main(argv[1:])
     parser = argparse.ArgumentParser(prog="latentembed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="fine-tune an embedding model with LoRA and the InfoNCE loss (train -h)")
+    sub.add_parser("eval", help="nDCG@10, MRR@10 and recall@k on a BEIR-style JSONL set (eval -h)")
     sub.add_parser("info", help="versions, GPU, CUDA extension and the backend each op would use")
     bench = sub.add_parser("bench", help="benchmark the ops on the current device")
     bench.add_argument("--op", action="append", help="op to benchmark (repeatable; default: all)")

@@ -1,0 +1,1 @@
+"""Small bundled datasets (JSONL), read through :mod:`latentembed.training.data`."""

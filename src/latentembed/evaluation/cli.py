@@ -1,0 +1,157 @@
+"""`python -m latentembed eval`: nDCG@k, MRR@k and recall@k of a local embedding model on a
+BEIR-style retrieval set (JSONL corpus and queries, JSONL or TSV qrels)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+__all__ = ["main", "build_parser", "format_table"]
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _k_list(text: str) -> tuple[int, ...]:
+    try:
+        ks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 1,5,10,100, got {text!r}") from None
+    if not ks or any(k < 1 for k in ks):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 1,5,10,100, got {text!r}")
+    return tuple(sorted(set(ks)))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="latentembed eval",
+        description=__doc__,
+        epilog="Metrics average over the queries with a relevant document (grade > 0) in the qrels; "
+        "scores are dot products of the model's (by default L2-normalised) embeddings.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="local model directory (EmbeddingModel.from_pretrained)")
+    p.add_argument("--corpus", required=True, metavar="FILE", help='JSONL rows {"_id", "title"?, "text"}')
+    p.add_argument("--queries", required=True, metavar="FILE", help='JSONL rows {"_id", "text"}')
+    p.add_argument("--qrels", required=True, metavar="FILE",
+                   help='JSONL rows {"query-id", "corpus-id", "score"} or TSV with header query-id/corpus-id/score')
+    p.add_argument("--pooling", help="pooling of a plain decoder checkpoint (mean, last, ...); saved models know theirs")
+    p.add_argument("--task", help="query-side task of the model's prompt template (prompt and adapter)")
+    p.add_argument("--instruction", help="explicit query instruction (formatted by the template)")
+    p.add_argument("--doc-task", help="document-side task (default: none; documents get no prompt)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward (default 32)")
+    p.add_argument("--max-length", type=_positive_int, help="truncate texts to this many tokens")
+    p.add_argument("--k", type=_k_list, default=(1, 5, 10, 100), metavar="K,K,...",
+                   help="cut-offs (default 1,5,10,100)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="model weights' dtype (default: the checkpoint's / loader's)")
+    p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
+    return p
+
+
+def format_table(result: dict[str, Any], k_values: Sequence[int]) -> str:
+    """The metrics as a small text table (one row per metric, one column per k) plus counts."""
+    ks = sorted(k_values)
+    width = max(8, *(len(f"@{k}") + 2 for k in ks))
+    lines = ["metric".ljust(8) + "".join(f"@{k}".rjust(width) for k in ks)]
+    for name in ("ndcg", "mrr", "recall"):
+        lines.append(name.ljust(8) + "".join(f"{result[f'{name}@{k}']:.4f}".rjust(width) for k in ks))
+    lines.append(
+        f"queries: {result['num_queries']} evaluated, {result['num_queries_skipped']} skipped "
+        f"(no relevant document); documents: {result['num_docs']}; dim: {result['embedding_dim']}"
+    )
+    lines.append(
+        f"time: encode docs {result['encode_docs_s']:.2f}s, queries {result['encode_queries_s']:.2f}s, "
+        f"search {result['search_s']:.2f}s"
+    )
+    return "\n".join(lines)
+
+
+def _fail(message: str) -> int:
+    print(f"latentembed eval: error: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the eval command; returns the exit code (0 ok, 1 bad files / model / data, 2 usage)."""
+    args = build_parser().parse_args(argv)
+
+    for flag, path, is_dir in (("--model", args.model, True), ("--corpus", args.corpus, False),
+                               ("--queries", args.queries, False), ("--qrels", args.qrels, False)):
+        if not (os.path.isdir(path) if is_dir else os.path.isfile(path)):
+            kind = "directory" if is_dir else "file"
+            return _fail(f"{flag}: no such {kind}: {path}")
+
+    import torch
+
+    from .data import DatasetFormatError, load_retrieval_dataset
+    from .evaluate import evaluate_retrieval
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        return _fail("--device cuda: CUDA is not available on this machine")
+
+    try:
+        corpus, queries, qrels = load_retrieval_dataset(args.corpus, args.queries, args.qrels)
+    except (DatasetFormatError, FileNotFoundError, UnicodeDecodeError) as e:
+        return _fail(str(e))
+
+    from ..models.embedding import EmbeddingModel
+
+    load_kwargs: dict[str, Any] = {"device": device, "dtype": getattr(torch, args.dtype) if args.dtype else None}
+    if args.pooling is not None:
+        load_kwargs["pooling"] = args.pooling
+    try:
+        model = EmbeddingModel.from_pretrained(args.model, **load_kwargs)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        return _fail(f"--model {args.model}: {e}")
+
+    query_kwargs: dict[str, Any] = {}
+    doc_kwargs: dict[str, Any] = {}
+    if args.task is not None:
+        query_kwargs["task"] = args.task
+    if args.instruction is not None:
+        query_kwargs["instruction"] = args.instruction
+    if args.doc_task is not None:
+        doc_kwargs["task"] = args.doc_task
+    if args.max_length is not None:
+        query_kwargs["max_length"] = doc_kwargs["max_length"] = args.max_length
+
+    try:
+        result = evaluate_retrieval(model, corpus, queries, qrels, k_values=args.k, query_kwargs=query_kwargs,
+                                    doc_kwargs=doc_kwargs, batch_size=args.batch_size)
+    except (ValueError, TypeError) as e:  # unknown task, max_length too small for the prompt, empty qrels, ...
+        return _fail(str(e))
+
+    print(format_table(result, args.k))
+    if args.json:
+        payload = {
+            "model": args.model, "corpus": args.corpus, "queries": args.queries, "qrels": args.qrels,
+            "pooling": args.pooling, "task": args.task, "instruction": args.instruction, "doc_task": args.doc_task,
+            "max_length": args.max_length, "device": device, "dtype": args.dtype, "k_values": list(args.k),
+            "metrics": {key: value for key, value in result.items() if "@" in key},
+            **{key: value for key, value in result.items() if "@" not in key},
+        }
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(payload, f, indent=2)
+                f.write("\n")
+        except OSError as e:
+            return _fail(f"--json {args.json}: {e}")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Reading and writing :class:`~latentembed.models.embedding.EmbeddingModel` directories.
+
+Formats read by :func:`load_embedding_model` (a local directory, found by what it holds):
+
+* latentembed's own (``latentembed.json`` + ``config.json`` + ``model.safetensors``): the whole
+  state dict under the module's own names (``backbone.*``, ``pooling.latent_attention.*``, LoRA
+  ``*.lora_a`` / ``*.lora_b``); the adapters' ranks and scalings (the LoRA layers' extra state)
+  sit in ``latentembed.json``. :func:`save_embedding_model` writes it; a round trip is exact.
+* NV-Embed-v2 style (``config.json`` with a ``latent_attention_config`` or tensors named
+  ``latent_attention_model.*``): the backbone from ``embedding_model.*``, latent-attention
+  pooling from ``latent_attention_model.*`` (shapes read from the tensors), NV-Embed's prompt
+  template and, to reproduce the checkpoint's training, its instruction mask
+  (``mask_instruction="nvembed_compat"``).
+* a plain HF decoder (Mistral / Llama / Qwen2, with or without ``model.`` prefix): the pooling
+  must be chosen (``pooling=``); a latent-attention head is then freshly initialised.
+
+PEFT LoRA directories are added with ``adapters={"name": "path/to/adapter", ...}``.
+A ``tokenizer.json`` in the directory (or ``tokenizer=``) becomes ``model.tokenizer``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..modules.lora import multi_lora_layers
+from ..modules.peft_interop import load_peft_adapter, save_peft_adapter
+from ..tokenization import TextTokenizer
+from .checkpoint import CheckpointError, checkpoint_files, load_state_dict
+from .config import DecoderConfig
+from .embedding import EmbeddingModel, as_tokenizer
+from .embedding_config import EmbeddingConfig
+
+__all__ = ["load_embedding_model", "save_embedding_model", "save_adapters", "EMBEDDING_CONFIG_NAME"]
+
+EMBEDDING_CONFIG_NAME = "latentembed.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+_NVEMBED_HEAD = "latent_attention_model."
+_EXTRA = "._extra_state"
+_OVERRIDABLE = ("normalize", "prompt_template", "mask_instruction", "add_eos", "max_length", "causal")
+
+
+def load_embedding_model(
+    path: Union[str, Path],
+    *,
+    pooling: Optional[str] = None,
+    latent_attention: Optional[dict] = None,
+    adapters: Optional[Mapping[str, Union[str, Path]]] = None,
+    tokenizer=None,
+    dtype: Optional[torch.dtype] = None,
+    device: Union[str, torch.device] = "cpu",
+    attn_backend: str = "auto",
+    **overrides,
+) -> EmbeddingModel:
+    """Build an :class:`EmbeddingModel` from a local directory (formats: module docstring).
+
+    Args:
+        path: the directory.
+        pooling: the pooling of a plain decoder checkpoint (required there); for the other
+            formats, if given, it must equal the stored one.
+        latent_attention: ``LatentAttentionPooling`` arguments for a new latent head on a plain
+            decoder (``num_latents``, ``num_heads``, ``dim_head``, ``ff_mult``).
+        adapters: ``{adapter name: PEFT LoRA directory}`` to load; slots the model lacks are
+            created (targets and r_max from the files), existing slots are overwritten.
+        tokenizer: a directory or tokenizer object; default: the model directory's, if any.
+        dtype / device: of the parameters (default dtype: as stored).
+        **overrides: other :class:`EmbeddingConfig` fields (``normalize``, ``prompt_template``,
+            ``mask_instruction``, ``add_eos``, ``max_length``, ``causal``).
+
+    Example:
+        >>> model = EmbeddingModel.from_pretrained("NV-Embed-v2", dtype=torch.bfloat16, device="cuda")  # doctest: +SKIP
+        >>> model.encode(["how do plants make food?"], task="retrieval")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    bad = sorted(set(overrides) - set(_OVERRIDABLE))
+    if bad:
+        raise TypeError(f"from_pretrained got unexpected arguments {bad}; config fields it can override: {list(_OVERRIDABLE)}")
+    decoder_config = DecoderConfig.from_hf_config(path)
+    own = path / EMBEDDING_CONFIG_NAME
+    if latent_attention is not None and (own.is_file() or _is_nvembed(path)):
+        raise ValueError(f"latent_attention= describes a new head for a plain decoder; {path} stores its own pooling")
+    if own.is_file():
+        model = _load_own(path, own, decoder_config, pooling, dtype, device, attn_backend, overrides)
+    else:
+        if _is_nvembed(path):
+            model = _load_nvembed(path, decoder_config, pooling, dtype, device, attn_backend, overrides)
+        else:
+            model = _load_plain(path, decoder_config, pooling, latent_attention, dtype, device, attn_backend, overrides)
+    if adapters:
+        _load_peft_adapters(model, adapters)
+    if tokenizer is not None:
+        model.tokenizer = as_tokenizer(tokenizer)
+    elif (path / "tokenizer.json").is_file():
+        model.tokenizer = TextTokenizer.from_pretrained(path)
+    return model
+
+
+def _is_nvembed(path: Path) -> bool:
+    hf = json.loads((path / "config.json").read_text())
+    return "latent_attention_config" in hf or any(k.startswith(_NVEMBED_HEAD) for k in checkpoint_files(path))
+
+
+def _check_pooling(pooling: Optional[str], stored: str, path: Path) -> None:
+    if pooling is not None and pooling != stored:
+        raise ValueError(f"{path} holds a {stored!r}-pooling model; pooling={pooling!r} does not match "
+                         "(the weights depend on it)")
+
+
+def _build(decoder_config, config, attn_backend) -> EmbeddingModel:
+    with torch.device("meta"):  # no allocation, no random init: every tensor comes from disk
+        return EmbeddingModel(decoder_config, config, attn_backend=attn_backend)
+
+
+def _load_own(path, config_file, decoder_config, pooling, dtype, device, attn_backend, overrides) -> EmbeddingModel:
+    saved = json.loads(config_file.read_text())
+    if saved.get("format") != "latentembed" or saved.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{config_file}: expected format 'latentembed' version {FORMAT_VERSION}, "
+                         f"got {saved.get('format')!r} version {saved.get('version')!r}")
+    config = EmbeddingConfig.from_dict({**saved["embedding"], **overrides})
+    _check_pooling(pooling, config.pooling, path)
+    model = _build(decoder_config, config, attn_backend)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found")
+    expected = {k: v for k, v in model.state_dict().items() if not k.endswith(_EXTRA)}
+    with safe_open(weights, framework="pt", device="cpu") as f:
+        keys = set(f.keys())
+        missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+        misshaped = sorted(f"{k}: file {tuple(f.get_slice(k).get_shape())}, model {tuple(expected[k].shape)}"
+                           for k in set(expected) & keys if tuple(f.get_slice(k).get_shape()) != tuple(expected[k].shape))
+        problems = [(label, items) for label, items in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if items]
+        if problems:
+            raise CheckpointError(f"{weights} does not fit its {EMBEDDING_CONFIG_NAME}:\n" + "\n".join(
+                f"  {len(items)} {label}: " + "; ".join(items[:8]) for label, items in problems))
+        state = {k: f.get_tensor(k).to(device=device, dtype=dtype if expected[k].is_floating_point() else None)
+                 for k in expected}
+    state.update(saved.get("extra_state", {}))
+    model.load_state_dict(state, strict=True, assign=True)
+    model.backbone.reset_buffers(torch.device(device))
+    return model
+
+
+def _load_nvembed(path, decoder_config, pooling, dtype, device, attn_backend, overrides) -> EmbeddingModel:
+    _check_pooling(pooling, "latent_attention", path)
+    files = checkpoint_files(path)
+    hf = json.loads((path / "config.json").read_text())
+    head = {k[len(_NVEMBED_HEAD):]: k for k in files if k.startswith(_NVEMBED_HEAD)}
+    if not head:
+        raise CheckpointError(f"{path}: config.json has latent_attention_config but no {_NVEMBED_HEAD}* tensors")
+    shapes = {}
+    for file in sorted({files[k] for k in head.values()}):
+        with safe_open(file, framework="pt") as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k in set(head.values())})
+    # Shapes from the tensors themselves (the config's fields have been renamed across versions).
+    try:
+        num_latents, latent_dim = shapes[_NVEMBED_HEAD + "latents"]
+        inner = shapes[_NVEMBED_HEAD + "cross_attend_blocks.0.fn.to_q.weight"][0]
+        ff_width = shapes[_NVEMBED_HEAD + "cross_attend_blocks.1.fn.net.0.weight"][0]
+    except KeyError as e:
+        raise CheckpointError(f"{path}: latent-attention head lacks {e.args[0]}") from None
+    lat_cfg = hf.get("latent_attention_config") or {}
+    heads = int(lat_cfg.get("num_cross_heads", 8))
+    if inner % heads:
+        raise CheckpointError(f"{path}: to_q width {inner} is not a multiple of num_cross_heads {heads}")
+    latent = {"num_latents": num_latents, "num_heads": heads, "dim_head": inner // heads,
+              "ff_mult": ff_width // (2 * decoder_config.hidden_size), "latent_dim": latent_dim}
+    config = EmbeddingConfig(**{
+        "pooling": "latent_attention", "latent_attention": latent,
+        "normalize": bool(lat_cfg.get("output_normalize", True)), "prompt_template": "nvembed",
+        "mask_instruction": "nvembed_compat" if hf.get("is_mask_instruction", True) else "none",
+        "add_eos": bool(hf.get("add_eos", True)), **overrides})
+    model = _build(decoder_config, config, attn_backend)
+    model.backbone.checkpoint_format = load_state_dict(model.backbone, path, dtype=dtype, device=device,
+                                                       prefix="embedding_model.")
+    block = model.pooling.latent_attention
+    expected = {k: tuple(v.shape) for k, v in block.state_dict().items()}
+    problems = sorted(set(expected) ^ set(head)) + sorted(
+        f"{k}: file {shapes[head[k]]}, model {expected[k]}" for k in set(expected) & set(head) if shapes[head[k]] != expected[k])
+    if problems:
+        raise CheckpointError(f"{path}: latent-attention head does not fit: " + "; ".join(problems[:8]))
+    state = {}
+    for name, key in head.items():
+        with safe_open(files[key], framework="pt", device="cpu") as f:
+            state[name] = f.get_tensor(key).to(device=device, dtype=dtype)
+    block.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def _load_plain(path, decoder_config, pooling, latent_attention, dtype, device, attn_backend, overrides) -> EmbeddingModel:
+    if pooling is None:
+        from ..modules.pooling import POOLING_MODES
+
+        raise ValueError(f"{path} is a plain decoder checkpoint: choose its pooling with pooling= (one of {POOLING_MODES})")
+    config = EmbeddingConfig(pooling=pooling, latent_attention=latent_attention, **overrides)
+    model = _build(decoder_config, config, attn_backend)
+    model.backbone.checkpoint_format = load_state_dict(model.backbone, path, dtype=dtype, device=device)
+    if config.pooling == "latent_attention":
+        # a new head, randomly initialised for training, where the backbone's tensors are
+        with torch.device(device):
+            model.pooling = model.make_pooling()
+        model.pooling.to(dtype or next(model.backbone.parameters()).dtype)
+    return model
+
+
+def _peft_modules(directory: Path) -> tuple[list, int]:
+    """The module names an adapter directory touches, and its largest rank."""
+    weights = directory / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory} is not a PEFT adapter directory: adapter_model.safetensors not found")
+    modules, rank = set(), 0
+    with safe_open(weights, framework="pt") as f:
+        for key in f.keys():
+            if key.endswith(".lora_A.weight"):
+                modules.add(key[len("base_model.model."):-len(".lora_A.weight")])
+                rank = max(rank, f.get_slice(key).get_shape()[0])
+    return sorted(modules), rank
+
+
+def _load_peft_adapters(model: EmbeddingModel, adapters: Mapping[str, Union[str, Path]]) -> None:
+    found = {name: _peft_modules(Path(p)) for name, p in adapters.items()}
+    # PEFT trained on a *ForCausalLM (or NV-Embed) names the backbone "model." (or
+    # "embedding_model."): a container with that child name lets the names line up unchanged.
+    prefixes = {m.split(".layers.")[0] + "." if ".layers." in m else "" for mods, _ in found.values() for m in mods}
+    if len(prefixes) != 1:
+        raise ValueError(f"adapters {list(adapters)} name the backbone differently: {sorted(prefixes)}")
+    prefix = prefixes.pop()
+    container = nn.ModuleDict({prefix[:-1]: model.backbone}) if prefix else model.backbone
+    if model.config.lora is None:
+        targets = sorted({m[len(prefix):] for mods, _ in found.values() for m in mods})
+        r_max = max(r for _, r in found.values())
+        model.add_adapters(list(adapters), rank=r_max, alpha=r_max, target_modules=targets, r_max=r_max)
+    missing = [n for n in adapters if n not in model.adapter_names]
+    if missing:
+        raise ValueError(f"adapters {missing} are not slots of the model (its adapters: {list(model.adapter_names)})")
+    for name, p in adapters.items():
+        load_peft_adapter(container, p, name)
+        # Trainable like any other loaded adapter; the base stays frozen.
+    for _, layer in multi_lora_layers(model.backbone):
+        layer.lora_a.requires_grad_(True)
+        layer.lora_b.requires_grad_(True)
+
+
+def save_embedding_model(model: EmbeddingModel, path: Union[str, Path], *, save_tokenizer: bool = True) -> Path:
+    """Write ``model`` in latentembed's own format (exact round trip through
+    :func:`load_embedding_model`): ``config.json``, ``latentembed.json``, ``model.safetensors``
+    and the tokenizer files when the model has a tokenizer. Returns the directory."""
+    for name, layer in multi_lora_layers(model):
+        if layer.merged_adapter is not None:
+            raise RuntimeError(f"{name}: an adapter is merged into the weight; unmerge() before saving")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    extra = {k: v for k, v in state.items() if k.endswith(_EXTRA)}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if not k.endswith(_EXTRA)}
+    (path / "config.json").write_text(json.dumps(model.backbone.config.to_hf_dict(), indent=2) + "\n")
+    meta = {"format": "latentembed", "version": FORMAT_VERSION, "embedding": model.config.to_dict(), "extra_state": extra}
+    (path / EMBEDDING_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    if save_tokenizer and model.tokenizer is not None:
+        model.tokenizer.save_pretrained(path)
+    return path
+
+
+def save_adapters(model: EmbeddingModel, path: Union[str, Path]) -> list:
+    """Every adapter of ``model`` as a PEFT directory ``path/<adapter>`` (module names relative
+    to the backbone, as PEFT writes for a HF ``*Model``). Returns the directories."""
+    if not model.adapter_names:
+        raise ValueError("the model has no adapters")
+    return [save_peft_adapter(model.backbone, name, Path(path) / name) for name in model.adapter_names]
