@@ -416,3 +416,13 @@ def test_specials_table_matches_saved_config(tok_dirs):
     for kind in KINDS:
         cfg = json.loads((tok_dirs[kind] / "tokenizer_config.json").read_text())
         assert all(cfg[k] == v for k, v in SPECIALS[kind].items())
+
+
+@pytest.mark.parametrize("backend", ["raw", "transformers"])
+def test_special_token_overrides_survive_save(tmp_path, backend):
+    tok = raw_tokenizer("metaspace") if backend == "raw" else hf_tokenizer("metaspace")
+    wrapped = TextTokenizer(tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    wrapped.save_pretrained(tmp_path)
+    loaded = TextTokenizer.from_pretrained(tmp_path)
+    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == \
+        (wrapped.bos_token_id, wrapped.eos_token_id, wrapped.eos_token_id)

@@ -129,9 +129,14 @@ def test_negatives_are_filled_from_other_rows_positives():
              TrainingExample("q2", "p0", ["n2a", "n2b", "n2c"])]
     negs = _negatives(batch, 2)
     assert negs[0] == ["n0", "p1"]  # own negative, then the next row's positive
-    assert negs[1] == ["p0", "p0"]  # no own negative: other rows' positives, repeated to k
+    assert negs[1] == ["p0", "p0"]  # no own negative: the distinct other positive, repeated to k
     assert negs[2] == ["n2a", "n2b"]  # own negatives first, cut to k
     assert all("p0" not in n for n in (negs[0], negs[2]))  # never the row's own positive text
+    assert _negatives([TrainingExample("q", "p", ["a", "b"])], 5) == [["a", "b", "a", "b", "a"]]
+    # stage 2 never borrows (another row's positive may share the label) and needs own negatives
+    assert _negatives(batch[::2], 3, borrow=False) == [["n0", "n0", "n0"], ["n2a", "n2b", "n2c"]]
+    with pytest.raises(ValueError, match="no hard negative"):
+        _negatives(batch, 1, borrow=False)
 
 
 # -- two processes ---------------------------------------------------------------------------------

@@ -143,10 +143,13 @@ class TextTokenizer:
         path.mkdir(parents=True, exist_ok=True)
         if self.backend == "transformers":
             self.tokenizer.save_pretrained(str(path))
-            return
-        self.tokenizer.save(str(path / "tokenizer.json"))
-        config = {k: v for k, v in self._config.items() if k not in _SPECIAL_NAMES}
-        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+            # keep special tokens given to this wrapper over the wrapped tokenizer's own
+            with open(path / "tokenizer_config.json", encoding="utf-8") as fh:
+                config = json.load(fh)
+        else:
+            self.tokenizer.save(str(path / "tokenizer.json"))
+            config = {k: v for k, v in self._config.items() if k not in _SPECIAL_NAMES}
+            config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         config.update({k: v for k, v in self._special.items() if v is not None})
         with open(path / "tokenizer_config.json", "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2, ensure_ascii=False)

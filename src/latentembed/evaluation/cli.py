@@ -9,6 +9,8 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
+from .._cli_types import positive_int
+
 __all__ = ["main", "build_parser", "format_table"]
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -22,16 +24,6 @@ def _k_list(text: str) -> tuple[int, ...]:
     if not ks or any(k < 1 for k in ks):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 1,5,10,100, got {text!r}")
     return tuple(sorted(set(ks)))
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="query-side task of the model's prompt template (prompt and adapter)")
     p.add_argument("--instruction", help="explicit query instruction (formatted by the template)")
     p.add_argument("--doc-task", help="document-side task (default: none; documents get no prompt)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward (default 32)")
-    p.add_argument("--max-length", type=_positive_int, help="truncate texts to this many tokens")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward (default 32)")
+    p.add_argument("--max-length", type=positive_int, help="truncate texts to this many tokens")
     p.add_argument("--k", type=_k_list, default=(1, 5, 10, 100), metavar="K,K,...",
                    help="cut-offs (default 1,5,10,100)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")

@@ -14,39 +14,10 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from .._cli_types import nonnegative_int, positive_float, positive_int
 from .trainer import DEFAULT_LORA_TARGETS, TrainConfig, train
 
 __all__ = ["main", "build_parser", "config_from_args"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,31 +41,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", metavar="DIR", help="a local model directory (latentembed, NV-Embed-style or plain "
                    "HF decoder + tokenizer.json); default: a tiny random model and a tokenizer trained on the data")
     g.add_argument("--pooling", help="pooling for a plain decoder checkpoint (mean, last, latent_attention, ...)")
-    g.add_argument("--template", help="prompt template of the queries (default: the model's; e5 for the tiny model)")
+    g.add_argument("--template", help="prompt template of the queries (default: the model's, or e5 where it is none, as for the "
+                   "tiny model; the bundled rows' tasks exist in e5, nvembed and instructor)")
     g.add_argument("--doc-task", help="task (prompt and adapter) of the documents (default: none, no prompt)")
     g.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
                    help="train every weight (default for the tiny random model) instead of LoRA adapters (default with "
                    "--model)")
-    g.add_argument("--lora-rank", type=_positive_int, default=d.lora_rank)
-    g.add_argument("--lora-alpha", type=_positive_float, default=d.lora_alpha)
+    g.add_argument("--lora-rank", type=positive_int, default=d.lora_rank)
+    g.add_argument("--lora-alpha", type=positive_float, default=d.lora_alpha)
     g.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     g.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_LORA_TARGETS), metavar="NAME",
                    help="backbone linear layers that get adapters (default: every projection)")
-    g.add_argument("--max-length", type=_positive_int, default=d.max_length, help="tokens per text")
+    g.add_argument("--max-length", type=positive_int, default=d.max_length, help="tokens per text")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute layers in the backward")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_positive_int, help="epochs per stage (default 1; the tiny random model: "
+    g.add_argument("--epochs", type=positive_int, help="epochs per stage (default 1; the tiny random model: "
                    "6 in stage 1, 2 in stage 2)")
-    g.add_argument("--steps", type=_nonnegative_int, help="optimizer steps per stage (overrides --epochs)")
-    g.add_argument("--stage2-epochs", type=_positive_int, help="stage-2 epochs (default: --epochs)")
-    g.add_argument("--stage2-steps", type=_nonnegative_int, help="stage-2 steps (default: --steps; 0: no stage 2)")
-    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="rows per step and rank")
-    g.add_argument("--hard-negatives", type=_nonnegative_int, default=d.hard_negatives, metavar="K",
+    g.add_argument("--steps", type=nonnegative_int, help="optimizer steps per stage (overrides --epochs)")
+    g.add_argument("--stage2-epochs", type=positive_int, help="stage-2 epochs (default: --epochs)")
+    g.add_argument("--stage2-steps", type=nonnegative_int, help="stage-2 steps (default: --steps; 0: no stage 2)")
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="rows per step and rank")
+    g.add_argument("--hard-negatives", type=nonnegative_int, default=d.hard_negatives, metavar="K",
                    help=f"hard negatives per query (default {d.hard_negatives})")
-    g.add_argument("--temperature", type=_positive_float, default=d.temperature)
-    g.add_argument("--lr", type=_positive_float,
+    g.add_argument("--temperature", type=positive_float, default=d.temperature)
+    g.add_argument("--lr", type=positive_float,
                    help="peak learning rate of stage 1 (default 2e-3 for the tiny model, 1e-4 with --model)")
-    g.add_argument("--stage2-lr", type=_positive_float, help="peak learning rate of stage 2 (default: half --lr)")
+    g.add_argument("--stage2-lr", type=positive_float, help="peak learning rate of stage 2 (default: half --lr)")
     g.add_argument("--warmup", type=float, default=d.warmup, help="warmup: fraction of a stage's steps (< 1) or steps")
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("run")
@@ -102,10 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available; LOCAL_RANK under torchrun)")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    g.add_argument("--threads", type=_positive_int, help="CPU threads of torch (default: 1 for the tiny model on CPU, "
+    g.add_argument("--threads", type=positive_int, help="CPU threads of torch (default: 1 for the tiny model on CPU, "
                    "whose ops are too small to gain from more and slow down badly on a busy machine; "
                    "OMP_NUM_THREADS / torch's default otherwise)")
-    g.add_argument("--log-every", type=_positive_int, default=d.log_every, help="log every N steps")
+    g.add_argument("--log-every", type=positive_int, default=d.log_every, help="log every N steps")
     return p
 
 

@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -142,20 +143,22 @@ def _text_id(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
-def _negatives(batch: Sequence[TrainingExample], k: int) -> list[list[str]]:
-    """k hard negatives per row: the row's own first, then the positives of the next rows of the
-    batch (cyclically) whose text differs from the row's positive, repeated if still short."""
+def _negatives(batch: Sequence[TrainingExample], k: int, borrow: bool = True) -> list[list[str]]:
+    """k hard negatives per row: the row's own first; if short and ``borrow``, the distinct
+    positives of the next rows of the batch (cyclically) that differ from the row's positive;
+    then the row's negatives again, cyclically. Stage 2 does not borrow: there another row's
+    positive may share the row's label (no true negative)."""
     out = []
     for i, ex in enumerate(batch):
-        negs = [n for n in ex.negatives if n != ex.positive][:k]
-        others = [batch[(i + j) % len(batch)].positive for j in range(1, len(batch))]
-        others = [t for t in others if t != ex.positive and t not in negs]
-        while len(negs) < k and others:
-            negs.append(others.pop(0))
+        negs = list(dict.fromkeys(n for n in ex.negatives if n != ex.positive))[:k]
+        if borrow:
+            others = dict.fromkeys(batch[(i + j) % len(batch)].positive for j in range(1, len(batch)))
+            negs += [t for t in others if t != ex.positive and t not in negs][:k - len(negs)]
         if not negs:
-            raise ValueError(f"a row has no hard negative and its batch no other positive to use: {ex.query!r:.60}")
-        while len(negs) < k:
-            negs.append(negs[len(negs) % max(len(negs), 1)])
+            raise ValueError(f"a row has no hard negative{'' if not borrow else ' and its batch no other positive'} "
+                             f"to use (stage {'1' if borrow else '2'}): {ex.query!r:.60}")
+        base = list(negs)
+        negs += [base[j % len(base)] for j in range(k - len(negs))]
         out.append(negs)
     return out
 
@@ -179,7 +182,7 @@ def _embed(module: nn.Module, model: EmbeddingModel, texts, prefixes, adapters, 
     return out, batch.num_tokens
 
 
-def _step_loss(module, model, batch, k, loss_fn, cfg, device):
+def _step_loss(module, model, batch, k, in_batch, loss_fn, cfg, device):
     """InfoNCE of one batch: one forward over queries, positives and hard negatives."""
     B = len(batch)
     queries, q_prefixes, q_adapters = [], [], []
@@ -189,7 +192,7 @@ def _step_loss(module, model, batch, k, loss_fn, cfg, device):
         queries.append(ex.query)
         q_prefixes.append(prefix)
         q_adapters.append(adapter)
-    negs = _negatives(batch, k) if k > 0 else [[] for _ in batch]
+    negs = _negatives(batch, k, borrow=in_batch) if k > 0 else [[] for _ in batch]
     docs = [ex.positive for ex in batch] + [n for row in negs for n in row]
     d_prefix, d_adapter = model.resolve(cfg.doc_task)
     texts = queries + docs
@@ -211,7 +214,9 @@ class _Dist:
         self.dist = dist
         self.owned = False
         if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+            # Rank 0 evaluates and saves alone while the others wait in a collective: allow
+            # that longer than NCCL's default 10 minutes.
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
             self.owned = True
         self.on = dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.on else 0
@@ -318,6 +323,8 @@ def train(config: TrainConfig, model: Optional[EmbeddingModel] = None) -> dict:
 def _train(cfg: TrainConfig, model: Optional[EmbeddingModel], device, dist: _Dist, say, t_start) -> dict:
     if cfg.batch_size < 2 and cfg.hard_negatives == 0:
         raise ValueError("batch_size 1 without hard negatives gives a query no negative at all")
+    if not isinstance(cfg.warmup, int) and cfg.warmup >= 1 and cfg.warmup != int(cfg.warmup):
+        raise ValueError(f"warmup: a fraction of the steps (< 1) or a whole number of steps, got {cfg.warmup}")
     stage1, source1 = _load(cfg.data, "retrieval")
     stage2_path = cfg.stage2_data
     if stage2_path is None and cfg.data is None:
@@ -420,6 +427,9 @@ def _train(cfg: TrainConfig, model: Optional[EmbeddingModel], device, dist: _Dis
     stages = [("1", train1, True, epochs, cfg.steps, lr)]
     s2_steps = cfg.stage2_steps if cfg.stage2_steps is not None else cfg.steps
     if stage2_rows and s2_steps != 0:
+        if cfg.hard_negatives == 0:
+            raise ValueError("stage 2 scores each query against its own hard negatives only: with "
+                             "hard_negatives=0 its loss is 0; pass --hard-negatives >= 1 or --stage2-data none")
         stages.append(("2", stage2_rows, False, epochs2, s2_steps, lr2))
     step_global = 0
     for stage, rows, in_batch, epochs, steps, stage_lr in stages:
@@ -439,7 +449,7 @@ def _train(cfg: TrainConfig, model: Optional[EmbeddingModel], device, dist: _Dis
                 if step >= total:
                     break
                 with autocast():
-                    loss, n_tok = _step_loss(module, model, batch, k, loss_fn, cfg, device)
+                    loss, n_tok = _step_loss(module, model, batch, k, in_batch, loss_fn, cfg, device)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

@@ -1,0 +1,24 @@
+"""argparse ``type=`` converters shared by the ``train`` and ``eval`` commands."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+
+def _number(convert: Callable, ok: Callable, what: str) -> Callable[[str], object]:
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "a positive int")
+nonnegative_int = _number(int, lambda v: v >= 0, "an int >= 0")
+positive_float = _number(float, lambda v: v > 0, "a positive number")
