@@ -196,6 +196,9 @@ def test_half_precision_within_budget_of_public_block(backend, dtype):
     assert_within_budget("pooled", out, ref(hidden, mask), ref64(hidden.double(), mask))
 
 
+DRAWS = 8
+
+
 def _assert_within(name, value, public, exact, factor=2.0):
     """Error budget against the public block under the same autocast: ``factor`` times its
     error plus bf16's absolute term (tests/tolerances.py's rule; the result dtype is the
@@ -210,27 +213,39 @@ def test_autocast_bf16_matches_the_public_block_under_autocast(hidden_dtype):
     """Under bf16 autocast the public block adds its bf16 attention output to the unrounded
     hidden, so float32 hidden keeps a float32 residual stream; ours must too. A few large
     channels, as LLM hidden states have, make a residual rounded to bf16 tens of times less
-    accurate than the public block."""
+    accurate than the public block.
+
+    Parameter gradients are sums over tokens, and the LayerNorm weights' cancel: on single
+    draws either block's error is occasionally 10x its typical value (400 draws measured), so
+    their budget is on the error summed over DRAWS draws (worst of 50 groups of 8: 2.2x)."""
     cfg = CONFIGS["D48-R7-H3-d16-f2"]
     ref, fast = make_modules(cfg, "reference")
     ref64 = LatentAttentionPoolingReference(**cfg).double().to(DEVICE)
     ref64.load_state_dict(ref.state_dict())
-    hidden, mask = random_batch(4, 16, cfg["hidden_size"])
-    hidden[..., :4] += 60.0 * torch.randn(4, device=DEVICE)
-    hidden = hidden.to(hidden_dtype)
-    grad_out = torch.randn(4, cfg["hidden_size"], device=DEVICE)
-    exact, grads64 = outputs_and_grads(ref64, hidden.double(), mask, grad_out.double())
-    with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        out, grads = outputs_and_grads(fast, hidden, mask, grad_out)
-        public, grads_public = outputs_and_grads(ref, hidden, mask, grad_out)
-    assert out.dtype == public.dtype == hidden_dtype
-    assert max_error(out, exact) > 1e-5, "autocast had no effect: expected bf16 rounding"
-    _assert_within("pooled", out, public, exact)
-    _assert_within("grad hidden", grads["hidden"], grads_public["hidden"], grads64["hidden"])
-    for name, g in grads.items():
-        # Parameters: 3x, as the blocks round at different points (W2 applied once to the
-        # per-sequence GEGLU mean; the folded products); 100 seeds measured at most 2.04x.
-        _assert_within(f"grad {name}", g, grads_public[name], grads64[name], factor=3.0)
+    ours, public, scale, rounding = {}, {}, {}, 0.0
+    for _ in range(DRAWS):
+        hidden, mask = random_batch(4, 16, cfg["hidden_size"])
+        hidden[..., :4] += 60.0 * torch.randn(4, device=DEVICE)
+        hidden = hidden.to(hidden_dtype)
+        grad_out = torch.randn(4, cfg["hidden_size"], device=DEVICE)
+        exact, grads64 = outputs_and_grads(ref64, hidden.double(), mask, grad_out.double())
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out, grads = outputs_and_grads(fast, hidden, mask, grad_out)
+            out_public, grads_public = outputs_and_grads(ref, hidden, mask, grad_out)
+        assert out.dtype == out_public.dtype == hidden_dtype
+        rounding = max(rounding, max_error(out, exact))
+        _assert_within("pooled", out, out_public, exact)
+        _assert_within("grad hidden", grads["hidden"], grads_public["hidden"], grads64["hidden"])
+        for name, g in grads.items():
+            ours[name] = ours.get(name, 0.0) + max_error(g, grads64[name])
+            public[name] = public.get(name, 0.0) + max_error(grads_public[name], grads64[name])
+            scale[name] = max(scale.get(name, 1.0), grads64[name].abs().max().item())
+    assert rounding > 1e-5, "autocast had no effect: expected bf16 rounding"
+    for name in ours:
+        # 3x: the blocks round at different points (W2 applied once to the per-sequence GEGLU
+        # mean; the folded products).
+        bound = 3.0 * public[name] + DRAWS * ATOL[torch.bfloat16] * scale[name]
+        assert ours[name] <= bound, f"grad {name}: summed error {ours[name]:.3e} exceeds budget {bound:.3e}"
 
 
 def test_torch_compile_padded_and_packed_match_eager():

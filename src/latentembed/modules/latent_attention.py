@@ -54,8 +54,8 @@ class LatentAttentionPooling(LatentAttentionParameters):
     block (whose attention output, in the autocast dtype, is added to the unrounded hidden):
     float32 hidden under bf16 autocast keeps a float32 residual. In the compute dtype: the fold
     (K, V, M, U), the score and output GEMMs, LN2's output, the first feed-forward Linear and the
-    per-sequence W2. In float32 (at least): LayerNorm statistics, scores and softmax, the GEGLU
-    mean, the mean of the residual stream, the final sum and the normalisation. The result has
+    per-sequence W2. In float32 (at least): LayerNorm statistics, the whole of LN2 (forward and
+    backward), scores and softmax, the GEGLU mean, the mean of the residual stream, the final sum and the normalisation. The result has
     hidden's dtype. When the residual dtype is the compute dtype (no autocast, or hidden already
     in the autocast dtype) the cross-attention is the fused op; otherwise it runs as two GEMMs in
     plain PyTorch (the fused op writes its output, residual included, in one dtype).
@@ -217,7 +217,10 @@ class LatentAttentionPooling(LatentAttentionParameters):
             else:
                 y = self._cross_attention_wide_residual(rows.to(res_dtype), m, u, cdt)
             ln2 = ff_block.norm
-            z = F.layer_norm(y, (self.hidden_size,), ln2.weight.to(y.dtype), ln2.bias.to(y.dtype), ln2.eps)
+            # LN2 in float32 (at least), as autocast runs the public block's: its weight gradient
+            # is a sum over tokens that cancels, and half-precision LN made it up to 2x less
+            # accurate than the public block's (400 random draws under bf16 autocast).
+            z = F.layer_norm(y.to(acc), (self.hidden_size,), ln2.weight.to(acc), ln2.bias.to(acc), ln2.eps)
             a = F.linear(z.to(cdt), net[0].weight.to(cdt), net[0].bias.to(cdt))  # [T', 2F]
             act_mean = geglu_segment_mean(a, cu, backend=backend, validate=False)  # [B, F]
             # The residual stream's mean in float32: rounding it once to a half dtype would be
