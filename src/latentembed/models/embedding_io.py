@@ -31,6 +31,7 @@ from torch import nn
 
 from ..modules.lora import multi_lora_layers
 from ..modules.peft_interop import load_peft_adapter, save_peft_adapter
+from ..modules.pooling import POOLING_MODES
 from ..tokenization import TextTokenizer
 from .checkpoint import CheckpointError, checkpoint_files, load_state_dict
 from .config import DecoderConfig
@@ -86,15 +87,15 @@ def load_embedding_model(
         raise TypeError(f"from_pretrained got unexpected arguments {bad}; config fields it can override: {list(_OVERRIDABLE)}")
     decoder_config = DecoderConfig.from_hf_config(path)
     own = path / EMBEDDING_CONFIG_NAME
-    if latent_attention is not None and (own.is_file() or _is_nvembed(path)):
+    fmt = "own" if own.is_file() else "nvembed" if _is_nvembed(path) else "plain"
+    if latent_attention is not None and fmt != "plain":
         raise ValueError(f"latent_attention= describes a new head for a plain decoder; {path} stores its own pooling")
-    if own.is_file():
+    if fmt == "own":
         model = _load_own(path, own, decoder_config, pooling, dtype, device, attn_backend, overrides)
+    elif fmt == "nvembed":
+        model = _load_nvembed(path, decoder_config, pooling, dtype, device, attn_backend, overrides)
     else:
-        if _is_nvembed(path):
-            model = _load_nvembed(path, decoder_config, pooling, dtype, device, attn_backend, overrides)
-        else:
-            model = _load_plain(path, decoder_config, pooling, latent_attention, dtype, device, attn_backend, overrides)
+        model = _load_plain(path, decoder_config, pooling, latent_attention, dtype, device, attn_backend, overrides)
     if adapters:
         _load_peft_adapters(model, adapters)
     if tokenizer is not None:
@@ -198,8 +199,6 @@ def _load_nvembed(path, decoder_config, pooling, dtype, device, attn_backend, ov
 
 def _load_plain(path, decoder_config, pooling, latent_attention, dtype, device, attn_backend, overrides) -> EmbeddingModel:
     if pooling is None:
-        from ..modules.pooling import POOLING_MODES
-
         raise ValueError(f"{path} is a plain decoder checkpoint: choose its pooling with pooling= (one of {POOLING_MODES})")
     config = EmbeddingConfig(pooling=pooling, latent_attention=latent_attention, **overrides)
     model = _build(decoder_config, config, attn_backend)
@@ -244,10 +243,6 @@ def _load_peft_adapters(model: EmbeddingModel, adapters: Mapping[str, Union[str,
         raise ValueError(f"adapters {missing} are not slots of the model (its adapters: {list(model.adapter_names)})")
     for name, p in adapters.items():
         load_peft_adapter(container, p, name)
-        # Trainable like any other loaded adapter; the base stays frozen.
-    for _, layer in multi_lora_layers(model.backbone):
-        layer.lora_a.requires_grad_(True)
-        layer.lora_b.requires_grad_(True)
 
 
 def save_embedding_model(model: EmbeddingModel, path: Union[str, Path], *, save_tokenizer: bool = True) -> Path:
