@@ -219,7 +219,7 @@ class LatentAttentionPooling(LatentAttentionParameters):
             ln2 = ff_block.norm
             # LN2 in float32 (at least), as autocast runs the public block's: its weight gradient
             # is a sum over tokens that cancels, and half-precision LN made it up to 2x less
-            # accurate than the public block's (400 random draws under bf16 autocast).
+            # accurate than the public block's (200 random draws under bf16 autocast).
             z = F.layer_norm(y.to(acc), (self.hidden_size,), ln2.weight.to(acc), ln2.bias.to(acc), ln2.eps)
             a = F.linear(z.to(cdt), net[0].weight.to(cdt), net[0].bias.to(cdt))  # [T', 2F]
             act_mean = geglu_segment_mean(a, cu, backend=backend, validate=False)  # [B, F]
