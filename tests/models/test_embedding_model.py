@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from latentembed.models.checkpoint import CheckpointError
 from latentembed.models.config import DecoderConfig
 from latentembed.models.embedding import EmbeddingModel
 from latentembed.models.embedding_config import EmbeddingConfig
@@ -273,6 +274,14 @@ def test_from_pretrained_errors(tmp_path):
     (tmp_path / "m" / "latentembed.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="unknown keys \\['poolng'\\]"):
         EmbeddingModel.from_pretrained(tmp_path / "m")
+    latent = tiny_model("latent_attention")
+    latent.save_pretrained(tmp_path / "lat")
+    meta = json.loads((tmp_path / "lat" / "latentembed.json").read_text())
+    meta["embedding"]["latent_attention"]["num_latents"] += 1
+    (tmp_path / "lat" / "latentembed.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"1 wrong shape: pooling\.latent_attention\.latents: checkpoint \(6, 64\), "
+                                              r"model \(7, 64\)"):
+        EmbeddingModel.from_pretrained(tmp_path / "lat")
     model.save_pretrained(tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):

@@ -86,6 +86,19 @@ def _skipped(name: str, prefix: str) -> bool:
     return bool(prefix) and not name.startswith(prefix)
 
 
+def misfit(expected: dict, found: dict, stored_name=None) -> list[str]:
+    """One line per kind of problem (``"  2 missing: a; b"``, ``unexpected``, ``wrong shape``) of
+    checkpoint tensors ``found`` against a model's ``expected`` (both name -> shape, under the
+    model's names); ``stored_name`` maps a model name to the name in the checkpoint's files."""
+    stored = stored_name or (lambda k: k)
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(stored(k) for k in set(found) - set(expected))
+    misshaped = sorted(f"{stored(k)}: checkpoint {found[k]}, model {expected[k]}"
+                       for k in set(found) & set(expected) if found[k] != expected[k])
+    return [f"  {len(items)} {label}: " + "; ".join(items)
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if items]
+
+
 def load_state_dict(
     model: DecoderModel,
     path: Union[str, Path],
@@ -116,19 +129,10 @@ def load_state_dict(
             for key in f.keys():
                 if key in wanted:
                     shapes[key] = tuple(f.get_slice(key).get_shape())
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(found[k] for k in set(found) - set(expected))
-    misshaped = sorted(
-        f"{found[k]}: checkpoint {shapes[found[k]]}, model {expected[k]}"
-        for k in set(found) & set(expected) if shapes[found[k]] != expected[k]
-    )
-    problems = [("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)]
-    if strict and any(items for _, items in problems):
-        lines = [f"checkpoint {path} (prefix {prefix!r}) does not fit the {model.config.model_type} model:"]
-        for label, items in problems:
-            if items:
-                lines.append(f"  {len(items)} {label}: " + "; ".join(items))
-        raise CheckpointError("\n".join(lines))
+    problems = misfit(expected, {k: shapes[key] for k, key in found.items()}, found.get)
+    if strict and problems:
+        raise CheckpointError("\n".join(
+            [f"checkpoint {path} (prefix {prefix!r}) does not fit the {model.config.model_type} model:", *problems]))
     if device is None:
         param = next(model.parameters())
         device = torch.device("cpu") if param.device.type == "meta" else param.device

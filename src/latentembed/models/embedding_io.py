@@ -33,7 +33,7 @@ from ..modules.lora import multi_lora_layers
 from ..modules.peft_interop import load_peft_adapter, save_peft_adapter
 from ..modules.pooling import POOLING_MODES
 from ..tokenization import TextTokenizer
-from .checkpoint import CheckpointError, checkpoint_files, load_state_dict
+from .checkpoint import CheckpointError, checkpoint_files, load_state_dict, misfit
 from .config import DecoderConfig
 from .embedding import EmbeddingModel, as_tokenizer
 from .embedding_config import EmbeddingConfig
@@ -134,15 +134,10 @@ def _load_own(path, config_file, decoder_config, pooling, dtype, device, attn_ba
         raise FileNotFoundError(f"{weights} not found")
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith(_EXTRA)}
     with safe_open(weights, framework="pt", device="cpu") as f:
-        keys = set(f.keys())
-        missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
-        misshaped = sorted(f"{k}: file {tuple(f.get_slice(k).get_shape())}, model {tuple(expected[k].shape)}"
-                           for k in set(expected) & keys if tuple(f.get_slice(k).get_shape()) != tuple(expected[k].shape))
-        problems = [(label, items) for label, items in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if items]
+        problems = misfit({k: tuple(v.shape) for k, v in expected.items()},
+                          {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
         if problems:
-            raise CheckpointError(f"{weights} does not fit its {EMBEDDING_CONFIG_NAME}:\n" + "\n".join(
-                f"  {len(items)} {label}: " + "; ".join(items[:8]) for label, items in problems))
+            raise CheckpointError(f"{weights} does not fit its {EMBEDDING_CONFIG_NAME}:\n" + "\n".join(problems))
         state = {k: f.get_tensor(k).to(device=device, dtype=dtype if expected[k].is_floating_point() else None)
                  for k in expected}
     state.update(saved.get("extra_state", {}))
@@ -185,10 +180,9 @@ def _load_nvembed(path, decoder_config, pooling, dtype, device, attn_backend, ov
                                                        prefix="embedding_model.")
     block = model.pooling.latent_attention
     expected = {k: tuple(v.shape) for k, v in block.state_dict().items()}
-    problems = sorted(set(expected) ^ set(head)) + sorted(
-        f"{k}: file {shapes[head[k]]}, model {expected[k]}" for k in set(expected) & set(head) if shapes[head[k]] != expected[k])
+    problems = misfit(expected, {name: shapes[key] for name, key in head.items()}, head.get)
     if problems:
-        raise CheckpointError(f"{path}: latent-attention head does not fit: " + "; ".join(problems[:8]))
+        raise CheckpointError(f"{path}: latent-attention head does not fit:\n" + "\n".join(problems))
     state = {}
     for name, key in head.items():
         with safe_open(files[key], framework="pt", device="cpu") as f:

@@ -127,11 +127,17 @@ def _load(path: Optional[str], bundled: str) -> tuple[list[TrainingExample], str
     return read_examples(path), str(path)
 
 
+def _row_task(ex: TrainingExample, default_task: Optional[str]) -> Optional[str]:
+    """The task of a row's query prompt: its own, or ``default_task`` when it names neither a
+    task nor an instruction."""
+    return ex.task if ex.task is not None or ex.instruction is not None else default_task
+
+
 def _check_prompts(examples: Sequence[TrainingExample], source: str, resolve, default_task) -> None:
     """Resolve every row's prompt once (``resolve(task, instruction)``), so an unknown task
     fails before any training."""
     for i, ex in enumerate(examples):
-        task = ex.task if ex.task is not None or ex.instruction is not None else default_task
+        task = _row_task(ex, default_task)
         try:
             resolve(task, ex.instruction)
         except ValueError as e:
@@ -187,7 +193,7 @@ def _step_loss(module, model, batch, k, in_batch, loss_fn, cfg, device):
     B = len(batch)
     queries, q_prefixes, q_adapters = [], [], []
     for ex in batch:
-        task = ex.task if ex.task is not None or ex.instruction is not None else cfg.default_task
+        task = _row_task(ex, cfg.default_task)
         prefix, adapter = model.resolve(task, ex.instruction)
         queries.append(ex.query)
         q_prefixes.append(prefix)
@@ -285,8 +291,7 @@ class _QueryPrompts:
 
 def _evaluate(model: EmbeddingModel, held_out, cfg: TrainConfig, autocast) -> dict:
     corpus, queries, qrels = retrieval_eval_set(held_out)
-    prompts = {ex.query: (ex.task if ex.task is not None or ex.instruction is not None else cfg.default_task,
-                          ex.instruction) for ex in held_out}
+    prompts = {ex.query: (_row_task(ex, cfg.default_task), ex.instruction) for ex in held_out}
     from ..evaluation import evaluate_retrieval
 
     with autocast:
