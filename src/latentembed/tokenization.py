@@ -25,10 +25,15 @@ from typing import Any, Sequence
 
 import torch
 
+from .atomic_io import read_json
+
 __all__ = ["TextTokenizer", "TokenizedTexts", "tokenize_with_prompts", "PackedBatch", "pack_sequences",
-           "MASK_MODES"]
+           "MASK_MODES", "TOKENIZER_FILES", "check_tokenizer_fits"]
 
 MASK_MODES = ("exact", "nvembed_compat", "none")
+#: Files a tokenizer's ``save_pretrained`` (ours or transformers') may write into a model directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja")
 _SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token")
 
 
@@ -128,13 +133,17 @@ class TextTokenizer:
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later files win
             f = directory / name
             if f.is_file():
-                with open(f, encoding="utf-8") as fh:
-                    loaded = json.load(fh)
-                if not isinstance(loaded, dict):
-                    raise ValueError(f"{f} must hold a JSON object")
-                config.update(loaded)
+                config.update(read_json(f))
         special = {k: _token_content(config.get(k)) for k in _SPECIAL_NAMES}
-        return cls(tokenizers.Tokenizer.from_file(str(file)), config=config, **special)
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # the Rust library raises a bare Exception that names no file
+            raise ValueError(f"{file} is not a valid tokenizer.json: {e}") from None
+        try:
+            return cls(backend, config=config, **special)
+        except ValueError as e:  # a special token the vocabulary lacks
+            raise ValueError(f"{file}: {e} (special tokens from {directory}'s tokenizer_config.json / "
+                             "special_tokens_map.json)") from None
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write tokenizer.json + tokenizer_config.json into ``path`` (loads back with
@@ -216,6 +225,29 @@ class TextTokenizer:
     def __repr__(self) -> str:
         return (f"TextTokenizer(backend={self.backend!r}, vocab_size={self.vocab_size}, bos={self.bos_token!r}, "
                 f"eos={self.eos_token!r}, pad={self.pad_token!r})")
+
+
+def check_tokenizer_fits(tokenizer: TextTokenizer, num_embeddings: int, *, source: str = "the tokenizer",
+                         table: str = "the model's embedding table") -> None:
+    """Raise ValueError when ``tokenizer`` has a token id >= ``num_embeddings`` (the rows of a
+    model's embedding table): such a pair loads, then fails with an IndexError at the first text
+    holding that token. Fewer ids than rows is normal (padded vocabularies, e.g. 32768 rows for
+    32000 tokens). ``source`` and ``table`` name the tokenizer (a file or an argument) and the
+    embedding table (which model) in the message.
+
+    Example:
+        >>> check_tokenizer_fits(tok, model.backbone.config.vocab_size, source="tokenizer=")  # doctest: +SKIP
+    """
+    if tokenizer.backend == "tokenizers":
+        vocab = tokenizer.tokenizer.get_vocab(with_added_tokens=True)
+    else:
+        vocab = tokenizer.tokenizer.get_vocab()  # added tokens included
+    # The largest id, not the count: vocabularies may have gaps.
+    ids = max(vocab.values(), default=-1) + 1
+    if ids > num_embeddings:
+        raise ValueError(f"{source} has {ids} ids (largest {ids - 1}) but {table} has {num_embeddings} rows: "
+                         f"token ids >= {num_embeddings} would fail at encode; use the tokenizer the model was "
+                         "trained with")
 
 
 @dataclass

@@ -17,6 +17,11 @@ loaded from a ``*ForCausalLM`` checkpoint gives a ``model.``-prefixed backbone w
 ``lm_head.weight`` (not loadable as a causal LM with an untied head), and an NV-Embed directory
 loses its pooling head. ``model.checkpoint_format.skipped_keys`` lists what was left out; copy
 those tensors from the source files if the saved directory must be complete.
+
+A save replaces the directory whole and all-or-nothing (:func:`latentembed.atomic_io.atomic_directory`):
+a killed save leaves the old checkpoint or the new one, never a mix, and nothing of an earlier
+save survives (an old shard index, old shards, an old ``tokenizer.json``). A directory holding
+anything but checkpoint files (:data:`CHECKPOINT_ENTRIES`) is refused rather than emptied.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..atomic_io import atomic_directory, missing_directory_message, read_json
+from ..tokenization import TOKENIZER_FILES
 from .config import DecoderConfig
 from .decoder import DecoderModel
 
@@ -37,6 +44,11 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 KNOWN_PREFIXES = ("", "model.", "embedding_model.")
 _EMBED_KEY = "embed_tokens.weight"
+#: What a checkpoint directory holds (HF and latentembed files): a save replaces such entries and
+#: refuses a directory with others (a README, code, a user's files) instead of deleting them.
+CHECKPOINT_ENTRIES = ("config.json", "generation_config.json", "latentembed.json", "*.safetensors",
+                      "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
+                      *TOKENIZER_FILES)
 
 
 class CheckpointError(ValueError):
@@ -56,11 +68,28 @@ class CheckpointFormat:
 def checkpoint_files(path: Union[str, Path]) -> dict[str, Path]:
     """Map every tensor name of the checkpoint in directory ``path`` to its file."""
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(missing_directory_message(path, "checkpoint directory"))
     index = path / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: path / f for k, f in weight_map.items()}
     single = path / SINGLE_FILE
+    if index.is_file() and single.is_file():
+        # Left by saves of an older latentembed (or a hand-made mix): one of them is stale, and
+        # picking either silently could load the wrong weights.
+        raise CheckpointError(f"{path} holds both {SINGLE_FILE} and {INDEX_FILE}; which one is current "
+                              "cannot be told: remove the stale one")
+    if index.is_file():
+        try:
+            weight_map = read_json(index)["weight_map"]
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        except KeyError:
+            raise CheckpointError(f"{index} lacks the key 'weight_map' (tensor name -> shard file)") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{index} lists shard files that do not exist in {path}: {', '.join(missing)}")
+        return {k: path / f for k, f in weight_map.items()}
     if not single.is_file():
         raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
     with safe_open(single, framework="pt") as f:
@@ -176,6 +205,8 @@ def load_decoder(
     Example:
         >>> model = load_decoder("path/to/NV-Embed-v2", dtype=torch.bfloat16, device="cuda")  # doctest: +SKIP
     """
+    if not Path(path).is_dir():
+        raise FileNotFoundError(missing_directory_message(path, "checkpoint directory"))
     config = DecoderConfig.from_hf_config(path)
     with torch.device("meta"):
         model = DecoderModel(config, causal=causal, attn_backend=attn_backend)
@@ -189,26 +220,36 @@ def save_decoder(
     *,
     prefix: Optional[str] = None,
     max_shard_bytes: Optional[int] = None,
-) -> None:
-    """Write ``config.json`` and the weights as safetensors to directory ``path``.
+) -> Path:
+    """Write ``config.json`` and the weights as safetensors as directory ``path``, all-or-nothing.
 
     ``prefix`` and ``max_shard_bytes`` default to the format the model was loaded from (no
     prefix, one file for a model built in code). With ``max_shard_bytes`` the weights are split
     into ``model-0000i-of-0000n.safetensors`` files plus ``model.safetensors.index.json``.
     Only the backbone's tensors are written: keys skipped at load (``lm_head.weight``, a pooling
     head's tensors; see ``model.checkpoint_format.skipped_keys``) are not in the output.
+    The directory is replaced whole (module docstring); one holding entries other than
+    :data:`CHECKPOINT_ENTRIES` raises FileExistsError and is left as it is. Returns ``path``.
+
+    Example:
+        >>> save_decoder(model, "out/decoder", max_shard_bytes=5 * 2**30)  # doctest: +SKIP
     """
     fmt = getattr(model, "checkpoint_format", None) or CheckpointFormat()
     prefix = fmt.prefix if prefix is None else prefix
     if max_shard_bytes is None and fmt.sharded:
         max_shard_bytes = fmt.max_shard_bytes
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
     state = {prefix + k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_directory(path, owned=CHECKPOINT_ENTRIES) as tmp:
+        _write_files(model.config.to_hf_dict(), state, tmp, max_shard_bytes)
+    return Path(path)
+
+
+def _write_files(hf_config: dict, state: dict, directory: Path, max_shard_bytes: Optional[int]) -> None:
+    # Plain writes: ``directory`` is atomic_directory's temporary directory.
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     meta = {"format": "pt"}
     if max_shard_bytes is None:
-        save_file(state, str(path / SINGLE_FILE), metadata=meta)
+        save_file(state, str(directory / SINGLE_FILE), metadata=meta)
         return
     shards: list[dict] = [{}]
     size = 0
@@ -222,8 +263,8 @@ def save_decoder(
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / name), metadata=meta)
+        save_file(shard, str(directory / name), metadata=meta)
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

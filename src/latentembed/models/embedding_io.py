@@ -15,7 +15,13 @@ Formats read by :func:`load_embedding_model` (a local directory, found by what i
   must be chosen (``pooling=``); a latent-attention head is then freshly initialised.
 
 PEFT LoRA directories are added with ``adapters={"name": "path/to/adapter", ...}``.
-A ``tokenizer.json`` in the directory (or ``tokenizer=``) becomes ``model.tokenizer``.
+A ``tokenizer.json`` in the directory (or ``tokenizer=``) becomes ``model.tokenizer``; one with
+more ids than the embedding table has rows is refused.
+
+Saves (:func:`save_embedding_model`, :func:`save_adapters`) replace their directory whole and
+all-or-nothing (:func:`latentembed.atomic_io.atomic_directory`): a killed save leaves the old
+model or the new one, and no file of an earlier save (an old ``tokenizer.json``, the adapters of
+an earlier run) survives. A directory that holds other files is refused, not emptied.
 """
 
 from __future__ import annotations
@@ -29,16 +35,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..atomic_io import atomic_directory, missing_directory_message, read_json
 from ..modules.lora import multi_lora_layers
 from ..modules.peft_interop import load_peft_adapter, save_peft_adapter
 from ..modules.pooling import POOLING_MODES
-from ..tokenization import TextTokenizer
-from .checkpoint import CheckpointError, checkpoint_files, load_state_dict, misfit
+from ..tokenization import TextTokenizer, check_tokenizer_fits
+from .checkpoint import CHECKPOINT_ENTRIES, CheckpointError, checkpoint_files, load_state_dict, misfit
 from .config import DecoderConfig
 from .embedding import EmbeddingModel, as_tokenizer
 from .embedding_config import EmbeddingConfig
 
-__all__ = ["load_embedding_model", "save_embedding_model", "save_adapters", "EMBEDDING_CONFIG_NAME"]
+__all__ = ["load_embedding_model", "save_embedding_model", "save_adapters", "ArgumentError", "EMBEDDING_CONFIG_NAME"]
 
 EMBEDDING_CONFIG_NAME = "latentembed.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -46,6 +53,27 @@ FORMAT_VERSION = 1
 _NVEMBED_HEAD = "latent_attention_model."
 _EXTRA = "._extra_state"
 _OVERRIDABLE = ("normalize", "prompt_template", "mask_instruction", "add_eos", "max_length", "causal")
+
+
+class ArgumentError(ValueError):
+    """An argument of :func:`load_embedding_model` that does not fit the directory.
+
+    ``argument`` is the parameter's name and ``value`` what came, so that a command line can
+    name the flag its user typed: ``str(e)`` says ``pooling='last'``,
+    ``e.message_for("--pooling")`` says ``--pooling last``.
+    """
+
+    def __init__(self, argument: str, value, template: str) -> None:
+        self.argument, self.value, self.template = argument, value, template  # template: "{arg}" = the argument
+        super().__init__(self.message_for())
+
+    def message_for(self, flag: Optional[str] = None) -> str:
+        """The message naming the argument as ``flag`` (default: as ``argument=``)."""
+        if flag is None:
+            named = f"{self.argument}=" + ("" if self.value is None else repr(self.value))
+        else:
+            named = flag + ("" if self.value is None else f" {self.value}")
+        return self.template.format(arg=named)
 
 
 def load_embedding_model(
@@ -81,11 +109,20 @@ def load_embedding_model(
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist")
+        raise FileNotFoundError(missing_directory_message(path, "model directory"))
     bad = sorted(set(overrides) - set(_OVERRIDABLE))
     if bad:
         raise TypeError(f"from_pretrained got unexpected arguments {bad}; config fields it can override: {list(_OVERRIDABLE)}")
     decoder_config = DecoderConfig.from_hf_config(path)
+    # The tokenizer before the weights: a corrupt or too large one fails before any loading.
+    if tokenizer is not None:
+        source = f"tokenizer={str(tokenizer)!r}" if isinstance(tokenizer, (str, Path)) else "tokenizer="
+        tokenizer = as_tokenizer(tokenizer)
+    elif (path / "tokenizer.json").is_file():
+        tokenizer, source = TextTokenizer.from_pretrained(path), str(path / "tokenizer.json")
+    if tokenizer is not None:
+        check_tokenizer_fits(tokenizer, decoder_config.vocab_size, source=source,
+                             table=f"the embedding table of {path} (vocab_size in its config.json)")
     own = path / EMBEDDING_CONFIG_NAME
     fmt = "own" if own.is_file() else "nvembed" if _is_nvembed(path) else "plain"
     if latent_attention is not None and fmt != "plain":
@@ -98,22 +135,19 @@ def load_embedding_model(
         model = _load_plain(path, decoder_config, pooling, latent_attention, dtype, device, attn_backend, overrides)
     if adapters:
         _load_peft_adapters(model, adapters)
-    if tokenizer is not None:
-        model.tokenizer = as_tokenizer(tokenizer)
-    elif (path / "tokenizer.json").is_file():
-        model.tokenizer = TextTokenizer.from_pretrained(path)
+    model.tokenizer = tokenizer
     return model
 
 
 def _is_nvembed(path: Path) -> bool:
-    hf = json.loads((path / "config.json").read_text())
+    hf = read_json(path / "config.json")
     return "latent_attention_config" in hf or any(k.startswith(_NVEMBED_HEAD) for k in checkpoint_files(path))
 
 
 def _check_pooling(pooling: Optional[str], stored: str, path: Path) -> None:
     if pooling is not None and pooling != stored:
-        raise ValueError(f"{path} holds a {stored!r}-pooling model; pooling={pooling!r} does not match "
-                         "(the weights depend on it)")
+        raise ArgumentError("pooling", pooling, f"{path} holds a {stored!r}-pooling model; {{arg}} does not "
+                            "match (the weights depend on it)")
 
 
 def _build(decoder_config, config, attn_backend) -> EmbeddingModel:
@@ -122,11 +156,22 @@ def _build(decoder_config, config, attn_backend) -> EmbeddingModel:
 
 
 def _load_own(path, config_file, decoder_config, pooling, dtype, device, attn_backend, overrides) -> EmbeddingModel:
-    saved = json.loads(config_file.read_text())
+    saved = read_json(config_file)
     if saved.get("format") != "latentembed" or saved.get("version") != FORMAT_VERSION:
         raise ValueError(f"{config_file}: expected format 'latentembed' version {FORMAT_VERSION}, "
                          f"got {saved.get('format')!r} version {saved.get('version')!r}")
-    config = EmbeddingConfig.from_dict({**saved["embedding"], **overrides})
+    if not isinstance(saved.get("embedding"), dict):
+        got = "lacks the key 'embedding'" if "embedding" not in saved else \
+            f"has 'embedding' = {type(saved['embedding']).__name__}"
+        raise ValueError(f"{config_file} {got}; expected an object of EmbeddingConfig fields (pooling, ...)")
+    if not isinstance(saved.get("extra_state", {}), dict):
+        raise ValueError(f"{config_file}: 'extra_state' must be an object (the LoRA layers' ranks and scalings), "
+                         f"got {type(saved['extra_state']).__name__}")
+    try:
+        config = EmbeddingConfig.from_dict({**saved["embedding"], **overrides})
+    except (TypeError, ValueError) as e:
+        given = f" with overrides {sorted(overrides)}" if overrides else ""
+        raise ValueError(f"{config_file}: 'embedding'{given}: {e}") from None
     _check_pooling(pooling, config.pooling, path)
     model = _build(decoder_config, config, attn_backend)
     weights = path / WEIGHTS_NAME
@@ -149,7 +194,7 @@ def _load_own(path, config_file, decoder_config, pooling, dtype, device, attn_ba
 def _load_nvembed(path, decoder_config, pooling, dtype, device, attn_backend, overrides) -> EmbeddingModel:
     _check_pooling(pooling, "latent_attention", path)
     files = checkpoint_files(path)
-    hf = json.loads((path / "config.json").read_text())
+    hf = read_json(path / "config.json")
     head = {k[len(_NVEMBED_HEAD):]: k for k in files if k.startswith(_NVEMBED_HEAD)}
     if not head:
         raise CheckpointError(f"{path}: config.json has latent_attention_config but no {_NVEMBED_HEAD}* tensors")
@@ -193,7 +238,10 @@ def _load_nvembed(path, decoder_config, pooling, dtype, device, attn_backend, ov
 
 def _load_plain(path, decoder_config, pooling, latent_attention, dtype, device, attn_backend, overrides) -> EmbeddingModel:
     if pooling is None:
-        raise ValueError(f"{path} is a plain decoder checkpoint: choose its pooling with pooling= (one of {POOLING_MODES})")
+        raise ArgumentError("pooling", None, f"{path} is a plain decoder checkpoint: choose its pooling with {{arg}} "
+                            f"(one of {', '.join(POOLING_MODES)})")
+    if pooling not in POOLING_MODES:
+        raise ArgumentError("pooling", pooling, f"{{arg}} is not a pooling mode; expected one of {', '.join(POOLING_MODES)}")
     config = EmbeddingConfig(pooling=pooling, latent_attention=latent_attention, **overrides)
     model = _build(decoder_config, config, attn_backend)
     model.backbone.checkpoint_format = load_state_dict(model.backbone, path, dtype=dtype, device=device)
@@ -240,29 +288,50 @@ def _load_peft_adapters(model: EmbeddingModel, adapters: Mapping[str, Union[str,
 
 
 def save_embedding_model(model: EmbeddingModel, path: Union[str, Path], *, save_tokenizer: bool = True) -> Path:
-    """Write ``model`` in latentembed's own format (exact round trip through
+    """Write ``model`` as directory ``path`` in latentembed's own format (exact round trip through
     :func:`load_embedding_model`): ``config.json``, ``latentembed.json``, ``model.safetensors``
-    and the tokenizer files when the model has a tokenizer. Returns the directory."""
+    and the tokenizer files when the model has a tokenizer (and ``save_tokenizer``).
+
+    All-or-nothing: the directory is built beside ``path`` and swapped in whole, so a killed
+    save leaves the old model or the new one and no file of the old one survives; a directory
+    holding entries other than checkpoint files raises FileExistsError and is left as it is.
+    Returns the directory.
+
+    Example:
+        >>> save_embedding_model(model, "out/model")  # doctest: +SKIP
+    """
     for name, layer in multi_lora_layers(model):
         if layer.merged_adapter is not None:
             raise RuntimeError(f"{name}: an adapter is merged into the weight; unmerge() before saving")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     extra = {k: v for k, v in state.items() if k.endswith(_EXTRA)}
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if not k.endswith(_EXTRA)}
-    (path / "config.json").write_text(json.dumps(model.backbone.config.to_hf_dict(), indent=2) + "\n")
     meta = {"format": "latentembed", "version": FORMAT_VERSION, "embedding": model.config.to_dict(), "extra_state": extra}
-    (path / EMBEDDING_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-    if save_tokenizer and model.tokenizer is not None:
-        model.tokenizer.save_pretrained(path)
-    return path
+    with atomic_directory(path, owned=CHECKPOINT_ENTRIES) as tmp:
+        # Plain writes inside: the temporary directory is swapped in only once it is complete.
+        (tmp / "config.json").write_text(json.dumps(model.backbone.config.to_hf_dict(), indent=2) + "\n")
+        (tmp / EMBEDDING_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if save_tokenizer and model.tokenizer is not None:
+            model.tokenizer.save_pretrained(tmp)
+    return Path(path)
+
+
+def _is_adapter_dir(entry: Path) -> bool:
+    return entry.is_dir() and not entry.is_symlink() and (entry / "adapter_config.json").is_file()
 
 
 def save_adapters(model: EmbeddingModel, path: Union[str, Path]) -> list:
     """Every adapter of ``model`` as a PEFT directory ``path/<adapter>`` (module names relative
-    to the backbone, as PEFT writes for a HF ``*Model``). Returns the directories."""
+    to the backbone, as PEFT writes for a HF ``*Model``). Returns the directories.
+
+    ``path`` is replaced whole and all-or-nothing: adapters of an earlier save that the model
+    no longer has do not survive; a ``path`` holding anything but adapter directories raises
+    FileExistsError and is left as it is.
+    """
     if not model.adapter_names:
         raise ValueError("the model has no adapters")
-    return [save_peft_adapter(model.backbone, name, Path(path) / name) for name in model.adapter_names]
+    with atomic_directory(path, owned=_is_adapter_dir) as tmp:
+        for name in model.adapter_names:
+            save_peft_adapter(model.backbone, name, tmp / name)
+    return [Path(path) / name for name in model.adapter_names]

@@ -21,12 +21,16 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..atomic_io import atomic_directory
 from .lora import multi_lora_layers
 
-__all__ = ["load_peft_adapter", "save_peft_adapter"]
+__all__ = ["load_peft_adapter", "save_peft_adapter", "PEFT_ENTRIES"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+#: What a PEFT adapter directory holds (README.md: the model card PEFT writes): a save replaces
+#: these and refuses a directory with other entries instead of deleting them.
+PEFT_ENTRIES = (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin", "README.md")
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 # Config fields that change what the adapter computes; any truthy value is refused.
@@ -132,7 +136,9 @@ def save_peft_adapter(model: nn.Module, adapter: Union[int, str], path: Union[st
     Layers where the adapter has rank 0 are left out. ``module_prefix`` is stripped from our
     module names (inverse of :func:`load_peft_adapter`). Alpha is written as ``scaling * rank``
     (``use_rslora`` false), the most common rank / alpha as ``r`` / ``lora_alpha`` and the rest
-    as escaped full-name ``rank_pattern`` / ``alpha_pattern`` entries. Returns the directory.
+    as escaped full-name ``rank_pattern`` / ``alpha_pattern`` entries. The directory is replaced
+    whole and all-or-nothing (:func:`latentembed.atomic_io.atomic_directory`); one holding
+    entries other than :data:`PEFT_ENTRIES` raises FileExistsError. Returns the directory.
 
     Example:
         >>> save_peft_adapter(model, "retrieval.query", "out/query")  # doctest: +SKIP
@@ -183,7 +189,7 @@ def save_peft_adapter(model: nn.Module, adapter: Union[int, str], path: Union[st
         "alpha_pattern": {re.escape(m): v for m, v in alphas.items() if v != alpha},
     }
     directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, str(directory / WEIGHTS_NAME))
+    with atomic_directory(directory, owned=PEFT_ENTRIES) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_NAME))
     return directory
