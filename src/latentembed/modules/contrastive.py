@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import nn
 
+from ..ops import _checks
 from ..ops.contrastive import infonce_lse
 from .contrastive_functions import (
     _ClampStraightThrough,
@@ -134,7 +135,21 @@ def _check_layout(queries, documents, pos_index, hard_negatives, in_batch, doc_o
         _check_index("doc_owner", doc_owner, N, "[N]", queries)
 
 
-def _check_values(pos_index, N: int, temperature, distinct_positives: bool) -> None:
+def _check_temperature(temperature: float, acc: torch.dtype, scale_of=lambda t: 1.0 / t) -> None:
+    """``temperature`` > 0 and finite, with its scale (``scale_of(temperature)``, 1 / temperature
+    as the caller computes it) a normal ``acc`` number: the logits are ``scores * scale`` in acc
+    (float32, or float64 for float64 inputs)."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    if not _checks.is_positive_normal(scale_of(temperature), acc):
+        lo, hi = _checks.normal_range(acc)
+        raise ValueError(
+            f"temperature must lie in [{1 / hi:.3g}, {1 / lo:.3g}] so that 1 / temperature is a normal "
+            f"{_checks.dtype_name(acc)} number (the dtype the logits are computed in), got {temperature:g} "
+            f"(1 / temperature = {1.0 / temperature:g})")
+
+
+def _check_values(pos_index, N: int, temperature, distinct_positives: bool, acc: torch.dtype) -> None:
     """Every value check of infonce_loss in ONE host read (each read waits for the device)."""
     if torch.compiler.is_compiling():
         return
@@ -158,8 +173,8 @@ def _check_values(pos_index, N: int, temperature, distinct_positives: bool) -> N
                              f"got {int(lo if lo < 0 else hi)}")
         if distinct_positives and values[2]:
             raise ValueError("doc_doc with an explicit pos_index needs distinct positives per query")
-    if isinstance(temperature, torch.Tensor) and not (values[-1] > 0 and math.isfinite(values[-1])):
-        raise ValueError(f"temperature must be positive and finite, got {values[-1]}")
+    if isinstance(temperature, torch.Tensor):
+        _check_temperature(values[-1], acc)
 
 
 def _as_scale(temperature, acc: torch.dtype, device) -> torch.Tensor:
@@ -171,8 +186,7 @@ def _as_scale(temperature, acc: torch.dtype, device) -> torch.Tensor:
         # the temperature's dtype once (a half scale would round each term's part before they cancel)
         return 1.0 / temperature.to(device=device, dtype=torch.promote_types(temperature.dtype, acc))
     value = float(temperature)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"temperature must be positive and finite, got {value}")
+    _check_temperature(value, acc)
     return torch.tensor(1.0 / value, dtype=acc, device=device)
 
 
@@ -258,7 +272,10 @@ def infonce_loss(
         them scored in place).
 
     Args:
-        temperature: float or 0-dim tensor (> 0); logits are ``s / temperature``.
+        temperature: float or 0-dim tensor (> 0); logits are ``s * (1 / temperature)`` in float32
+            (float64 for float64 inputs), so ``1 / temperature`` must be a normal number of that
+            dtype: temperature in [2.94e-39, 8.51e37] for float32. A float is checked always, a
+            tensor by ``validate``.
         similarity: ``"cos"`` (rows L2-normalised first) or ``"dot"``.
         in_batch_negatives: False: query i only scores its positive and its own hard negatives
             (the layouts imply ownership; with ``pos_index`` pass ``doc_owner`` [N], -1 = none).
@@ -332,7 +349,8 @@ def infonce_loss(
     if doc_ids is not None:
         _check_index("doc_ids", doc_ids, N, "[N] (concatenated documents)", queries)
     if validate:
-        _check_values(pos_index, N, temperature if _scale is None else None, doc_doc and pos_index is not None)
+        _check_values(pos_index, N, temperature if _scale is None else None, doc_doc and pos_index is not None,
+                      acc)
     normalize = cosine_normalize if similarity == "cos" else (lambda x: x)
     q = normalize(queries)
 
@@ -441,6 +459,11 @@ def _finish(loss, n_above, reduction, return_stats):
     return InfoNCEOutput(out, n_above, (n_above == 0).float().mean())
 
 
+def _float32_exp(log_value: float) -> float:
+    """exp of a float32 log, as :meth:`InfoNCELoss.scale` computes it (inf when it overflows)."""
+    return float(torch.tensor(log_value, dtype=torch.float32).exp())
+
+
 class InfoNCELoss(nn.Module):
     """InfoNCE loss module with a fixed or learnable temperature; see :func:`infonce_loss`.
 
@@ -453,7 +476,9 @@ class InfoNCELoss(nn.Module):
     Args:
         temperature: initial (or fixed) temperature, > 0 and inside ``temperature_range``.
         learnable_temperature: make ``log_scale`` an ``nn.Parameter``.
-        temperature_range: ``(min, max)`` temperatures for the clamp.
+        temperature_range: ``(min, max)`` temperatures for the clamp. The scale is kept as a
+            float32 ``log(1 / temperature)``: temperatures (and both bounds) must lie in
+            [2.94e-39, 8.51e37], or the float32 scale would overflow to inf or underflow.
         **options: any keyword of :func:`infonce_loss` fixed at construction (similarity,
             in_batch_negatives, symmetric, query_query, doc_doc, threshold, margin,
             mask_duplicates, negatives_order, reduction, gather, group, backend, validate).
@@ -476,8 +501,15 @@ class InfoNCELoss(nn.Module):
         if not (0 < lo <= hi and math.isfinite(hi)):
             raise ValueError(f"temperature_range must be (min, max) with 0 < min <= max, got {temperature_range}")
         temperature = float(temperature)
-        if not (temperature > 0 and math.isfinite(temperature)):
-            raise ValueError(f"temperature must be positive and finite, got {temperature}")
+        # The scale is exp(log_scale) in float32 (clamped to the range's log bounds when
+        # learnable): checked as computed, each bound too, or a scale can come out inf or 0.
+        _check_temperature(temperature, torch.float32, scale_of=lambda t: _float32_exp(math.log(1 / t)))
+        if not all(_checks.is_positive_normal(_float32_exp(math.log(1 / t)), torch.float32) for t in (lo, hi)):
+            lo32, hi32 = _checks.normal_range(torch.float32)
+            raise ValueError(
+                f"temperature_range must lie within [{1 / hi32:.3g}, {1 / lo32:.3g}] so that both ends give a "
+                f"normal float32 scale 1 / temperature (the module keeps log(1 / temperature) in float32), "
+                f"got {temperature_range}")
         if learnable_temperature and not lo <= temperature <= hi:
             raise ValueError(f"temperature {temperature} must lie in temperature_range {temperature_range}")
         bad = sorted(set(options) & set(self._PER_CALL)) + sorted(

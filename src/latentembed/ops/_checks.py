@@ -6,6 +6,8 @@ without reading our source.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -13,6 +15,41 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def normal_range(dtype: torch.dtype) -> tuple[float, float]:
+    """(smallest, largest) positive normal number of a floating dtype."""
+    info = torch.finfo(dtype)
+    return info.tiny, info.max
+
+
+def is_positive_normal(value: float, dtype: torch.dtype) -> bool:
+    """True when ``value`` is > 0 and finite and, rounded to ``dtype``, stays a normal number:
+    it neither overflows to inf nor underflows to a subnormal (few significant bits, flushed to
+    zero by some GPU code) or to 0."""
+    if not (value > 0 and math.isfinite(value)):
+        return False
+    info = torch.finfo(dtype)
+    # Round-to-nearest, in float64 arithmetic (no tensor: nothing here may look like a device
+    # read): from half an ulp above max on, a value rounds to inf; from half the subnormal
+    # spacing below tiny on, up to tiny. Both bounds are exact in float64 (for float64 itself
+    # they come out inf and tiny).
+    ulp_of_max = info.eps * (info.max / (2 - info.eps))
+    return info.tiny - info.tiny * info.eps / 2 <= value < info.max + ulp_of_max / 2
+
+
+def check_scale_value(name: str, value: float, dtype: torch.dtype) -> None:
+    """A multiplier of scores (``1 / temperature``) that is used in ``dtype``: positive, finite
+    and a normal ``dtype`` number. Checking it in float64 and using it in float32 turned 1e39
+    into inf (and 1e-46 into 0) after the check had passed."""
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    if not is_positive_normal(value, dtype):
+        lo, hi = normal_range(dtype)
+        raise ValueError(
+            f"{name} must lie in [{lo:.3g}, {hi:.3g}], the normal range of {dtype_name(dtype)} (the dtype "
+            f"it is computed in; outside it overflows to inf or underflows to a subnormal or 0), got {value:g}"
+        )
 
 
 def check_tensor(name: str, value: object) -> torch.Tensor:
@@ -35,6 +72,7 @@ def check_floating(name: str, tensor: torch.Tensor, allowed=FLOAT_DTYPES + (torc
 
 
 def check_same_device(name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    check_tensor(name, tensor)  # the type first: a list has no .device (AttributeError otherwise)
     if tensor.device != ref.device:
         raise ValueError(
             f"{name} must be on the same device as {ref_name} ({ref.device}), got {tensor.device}"

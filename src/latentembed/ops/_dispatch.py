@@ -13,6 +13,7 @@ in code still wins), which is handy to force the reference everywhere while debu
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -121,6 +122,19 @@ def triton_unavailable() -> Optional[str]:
 def triton_interpreting() -> bool:
     """True when Triton runs kernels on CPU tensors in its interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Context that makes ``tensor``'s CUDA device the current one; a null context elsewhere.
+
+    Triton launches on the *current* device (and compiles and autotunes for it), not on the
+    device of the pointers it is given: tensors on ``cuda:1`` with ``cuda:0`` current would run
+    on the wrong GPU. Every Triton launcher enters this around its launches, as the CUDA
+    extension's ops enter a ``CUDAGuard``.
+    """
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
 
 
 def triton_devices() -> frozenset:

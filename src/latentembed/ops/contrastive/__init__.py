@@ -40,8 +40,8 @@ class InfoNCELSEFunction(torch.autograd.Function):
 
     ``forward(q, d, scale, pos_index, pos_score, doc_owner, doc_key, pos_key, threshold, margin,
     exclude_diagonal, subtract_positive, backend)`` with ``backend`` in ``{"triton", "cuda"}``;
-    arguments are assumed valid and contiguous (see :func:`infonce_lse`; ``pos_key`` is resolved
-    there: given whenever ``doc_key`` is). Returns
+    arguments are assumed valid (see :func:`infonce_lse`; ``pos_key`` is resolved there: given
+    whenever ``doc_key`` is); the kernel launchers make contiguous what they index. Returns
     ``(lse, n_above)`` (``lse - scale * s_pos`` with ``subtract_positive``).
     """
 
@@ -81,10 +81,18 @@ def _check_index(name: str, index: Optional[torch.Tensor], length: int, layout: 
     _checks.check_same_device(name, index, "q", ref)
 
 
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype the scale multiplies scores in: float32 (float64 for float64 input)."""
+    return torch.promote_types(q.dtype, torch.float32) if q.dtype.is_floating_point else torch.float32
+
+
 def _as_scale(scale: Union[torch.Tensor, float], q: torch.Tensor) -> torch.Tensor:
     if isinstance(scale, Real):
-        _check_scale_value(float(scale))  # a Python number: checked here, no device read later
-        return torch.tensor(float(scale), dtype=torch.float32, device=q.device)
+        # A Python number: checked here, no device read later; built in the compute dtype, so a
+        # float64 input's scale is not rounded to float32 first.
+        dtype = _compute_dtype(q)
+        _check_scale_value(float(scale), dtype)
+        return torch.tensor(float(scale), dtype=dtype, device=q.device)
     _checks.check_tensor("scale", scale)
     if scale.ndim != 0 or not scale.dtype.is_floating_point:
         raise ValueError(
@@ -95,13 +103,14 @@ def _as_scale(scale: Union[torch.Tensor, float], q: torch.Tensor) -> torch.Tenso
     return scale
 
 
-def _check_scale_value(value: float) -> None:
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"scale (1 / temperature) must be positive and finite, got {value}")
+def _check_scale_value(value: float, dtype: torch.dtype) -> None:
+    _checks.check_scale_value("scale (1 / temperature)", value, dtype)
 
 
-def _check_values(scale: torch.Tensor, pos_index: Optional[torch.Tensor], N: int, check_scale: bool) -> None:
-    """Value checks (scale > 0, pos_index in [0, N)) with ONE device-to-host read for all of them."""
+def _check_values(scale: torch.Tensor, pos_index: Optional[torch.Tensor], N: int, check_scale: bool,
+                  dtype: torch.dtype) -> None:
+    """Value checks (scale a normal positive ``dtype`` number, pos_index in [0, N)) with ONE
+    device-to-host read for all of them."""
     scalars = []
     if check_scale:
         scalars.append(scale.detach().to(torch.float64).reshape(()))
@@ -112,7 +121,7 @@ def _check_values(scale: torch.Tensor, pos_index: Optional[torch.Tensor], N: int
         return
     values = torch.stack(scalars).tolist()  # the one host sync
     if check_scale:
-        _check_scale_value(values.pop(0))
+        _check_scale_value(values.pop(0), dtype)
     if pos_index is not None:
         lo, hi = int(values[0]), int(values[1])
         if lo < 0 or hi >= N:
@@ -165,7 +174,7 @@ def _check_args(q, d, scale, pos_index, pos_score, doc_owner, doc_key, pos_key, 
             raise TypeError(f"{name} must be a float or None, got {type(value).__name__}")
     if validate and not torch.compiler.is_compiling():
         # Reading values syncs with the device: one read for all checks; validate=False skips it.
-        _check_values(scale, pos_index, N, check_scale=not scale_checked)
+        _check_values(scale, pos_index, N, check_scale=not scale_checked, dtype=_compute_dtype(q))
 
 
 def infonce_lse(
@@ -193,7 +202,9 @@ def infonce_lse(
     Args:
         q: [B, D] queries; d: [N, D] documents. Same dtype (float32, float16, bfloat16; float64
             with the reference backend) and device. Scores are accumulated in float32.
-        scale: 0-dim tensor (or float), 1 / temperature, > 0; may require grad.
+        scale: 0-dim tensor (or float), 1 / temperature, > 0; may require grad. Used in float32
+            (float64 for float64 input), so it must be a normal number of that dtype:
+            [1.18e-38, 3.4e38] for float32 (a float is checked always, a tensor by validate).
         pos_index: [B] int64, each query's positive document; always a candidate.
         pos_score: [B] float, each query's positive score (detached); needed by ``margin``.
         doc_owner: [N] int64; when given, query i only sees documents with ``doc_owner[j] == i``
@@ -210,8 +221,10 @@ def infonce_lse(
         exclude_diagonal: drop j == i (query-query or document-document terms).
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``
             (``LATENTEMBED_BACKEND`` replaces ``"auto"``).
-        validate: check values (pos_index in range, scale > 0) with one device-to-host read for
-            all of them; skipped under torch.compile. validate=False reads nothing back. Shapes, dtypes and devices are always checked.
+        validate: check values (pos_index in range, a tensor scale positive and within its
+            compute dtype's normal range) with one device-to-host read for all of them; skipped
+            under torch.compile. validate=False reads nothing back. Shapes, dtypes and devices
+            (and a float scale's value) are always checked.
         subtract_positive: return ``lse - scale * q_i . d_pos[i]``, the per-query InfoNCE loss,
             instead of lse (needs pos_index). The kernels then fold the positive's gradient into
             their own (cross-entropy's p - onehot), which saves the [N, D] zero-filled gradient

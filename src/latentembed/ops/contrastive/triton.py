@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from .._dispatch import triton_interpreting
+from .._dispatch import device_guard, triton_interpreting
 
 # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) tried by the autotuner on the GPU (H100).
 GPU_CONFIGS = [
@@ -284,6 +284,15 @@ def _resolve_pos_key(doc_key, pos_key, pos_index):
     return pos_key.contiguous()
 
 
+def _kernel_layout(q, d, *vectors):
+    """q, d with unit column stride (the kernels take their row strides only) and the optional
+    per-row / per-document vectors contiguous (the kernels index them by position); no-ops for
+    the public function's arguments."""
+    q = q if q.stride(1) == 1 else q.contiguous()
+    d = d if d.stride(1) == 1 else d.contiguous()
+    return (q, d) + tuple(None if v is None else v.contiguous() for v in vectors)
+
+
 def _margin_bound(pos_score: Optional[torch.Tensor], margin: Optional[float]) -> Optional[torch.Tensor]:
     # Rounded exactly as the reference: one fp32 multiply.
     return None if margin is None else (pos_score.to(torch.float32) * margin).contiguous()
@@ -302,6 +311,7 @@ def infonce_lse_fwd_triton(
     pos_key [B] defaults to doc_key[pos_index] when doc_key is given."""
     B, D = q.shape
     N = d.shape[0]
+    q, d, pos_index, doc_owner, doc_key = _kernel_layout(q, d, pos_index, doc_owner, doc_key)
     pos_key = _resolve_pos_key(doc_key, pos_key, pos_index)
     group = _group_docs(B, N, q.device)
     groups = triton.cdiv(N, group)
@@ -309,13 +319,14 @@ def infonce_lse_fwd_triton(
     l_part = torch.empty_like(m_part)
     c_part = torch.empty(groups, B, device=q.device, dtype=torch.int32)
     spos = torch.zeros(0, device=q.device, dtype=torch.float32)
-    if pos_index is not None:
-        spos = torch.empty(B, device=q.device, dtype=torch.float32)
-        _positive_score_kernel[(B,)](q, d, pos_index, spos, D, q.stride(0), d.stride(0),
-                                     BLOCK_D=min(1024, triton.next_power_of_2(D)))
-    _launch_tiles(q, d, scale.to(torch.float32), pos_index, _margin_bound(pos_score, margin),
-                  doc_owner, doc_key, pos_key, threshold, exclude_diagonal, group, 0, N,
-                  spos=spos if pos_index is not None else None, parts=(m_part, l_part, c_part))
+    with device_guard(q):
+        if pos_index is not None:
+            spos = torch.empty(B, device=q.device, dtype=torch.float32)
+            _positive_score_kernel[(B,)](q, d, pos_index, spos, D, q.stride(0), d.stride(0),
+                                         BLOCK_D=min(1024, triton.next_power_of_2(D)))
+        _launch_tiles(q, d, scale.to(torch.float32), pos_index, _margin_bound(pos_score, margin),
+                      doc_owner, doc_key, pos_key, threshold, exclude_diagonal, group, 0, N,
+                      spos=spos if pos_index is not None else None, parts=(m_part, l_part, c_part))
     # Merge the groups: lse = M + log(sum_g l_g exp(m_g - M)); log(0) = -inf for empty rows.
     # In float64 (B * groups numbers): lse is then rounded once, as torch.logsumexp's is, and
     # every p = exp(z - lse) of the backward inherits no extra error.
@@ -366,6 +377,8 @@ def infonce_lse_bwd_triton(
     which 160 MiB are the gradients themselves (a separate cast of dq would add 32 MiB)."""
     B, D = q.shape
     N = d.shape[0]
+    q, d, pos_index, doc_owner, doc_key, lse, grad_lse = _kernel_layout(
+        q, d, pos_index, doc_owner, doc_key, lse, grad_lse)
     pos_key = _resolve_pos_key(doc_key, pos_key, pos_index)
     # The backward runs chunk by chunk, so its groups are small (one quantum) to give every
     # chunk's launch enough programs; the forward's groups span all of N instead.
@@ -382,12 +395,13 @@ def infonce_lse_bwd_triton(
     grad_scale = torch.zeros((), device=q.device, dtype=torch.float64)
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
-        _launch_tiles(q, d, scale32, pos_index, bound, doc_owner, doc_key, pos_key, threshold,
-                      exclude_diagonal, group, n0, n1, subtract_positive=subtract_positive,
-                      lse=lse, grad=grad_lse, ds=ds,
-                      dscale_part=dscale_part)
         ds_c = ds[:, : n1 - n0]
-        _accumulate_matmul(ds_c, d[n0:n1], grad_q)
+        with device_guard(q):
+            _launch_tiles(q, d, scale32, pos_index, bound, doc_owner, doc_key, pos_key, threshold,
+                          exclude_diagonal, group, n0, n1, subtract_positive=subtract_positive,
+                          lse=lse, grad=grad_lse, ds=ds,
+                          dscale_part=dscale_part)
+            _accumulate_matmul(ds_c, d[n0:n1], grad_q)
         torch.mm(ds_c.T, q, out=grad_d[n0:n1])
         # float64 for the few B * groups partials: the scalar sums B * N terms.
         grad_scale += dscale_part[: triton.cdiv(n1 - n0, group)].sum(dtype=torch.float64)

@@ -19,8 +19,10 @@ P is kept for the backward, which then needs no recomputation of the scores:
   ``_dm_kernel``, which normalises x on load, so LN(x) is never stored; ``_ln_bwd_kernel`` ends
   with the LayerNorm backward plus the residual gradient and per-block partial sums of the
   LayerNorm weight and bias gradients.
-The head index is the fastest grid axis, so the H programs of one row block run together and
-read the same x tile from L2.
+The score kernels run on a 1-D grid of H * row blocks with the head fastest
+(``pid = row_block * H + head``), so the H programs of one row block run together and read the
+same x tile from L2; and the row blocks stay on axis 0, whose limit is 2^31 - 1 (axes 1 and 2
+stop at 65,535 blocks, about a million rows).
 
 GEGLU segment mean: one program per (sequence, BLOCK_F features) walks the sequence's rows like
 the packed masked mean (no atomics, deterministic); the backward recomputes gelu from ``a``.
@@ -35,7 +37,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from .._dispatch import triton_interpreting
+from .._dispatch import device_guard, triton_interpreting
 from ._shapes import grad_a_shape, segment_mean_shape
 
 
@@ -136,11 +138,11 @@ def _rows_times_head(a_ptr, stride_at, rows, row_ok, mat_ptr, R, D, acc,
                  prune_configs_by={"early_config_prune": _prune_score_tiles}, do_bench=_tuning_bench)
 @triton.jit
 def _scores_softmax_kernel(x_ptr, w_ptr, b_ptr, m_ptr, mean_ptr, rstd_ptr, p_ptr,
-                           T, D, R, stride_xt, stride_pt,
+                           T, D, H, R, stride_xt, stride_pt,
                            IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    h = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(0) % H
+    rows = (tl.program_id(0) // H) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
     rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
@@ -163,6 +165,11 @@ def _block_r(R: int) -> int:
     return max(16, triton.next_power_of_2(R))  # tl.dot needs every dim >= 16
 
 
+def _head_row_grid(H: int, T: int):
+    """1-D grid of the score kernels: one program per (row block, head), head fastest."""
+    return lambda meta: (H * triton.cdiv(T, meta["BLOCK_T"]),)
+
+
 @torch.library.custom_op("latentembed::latent_attn_fwd_triton", mutates_args=())
 def latent_attn_fwd_triton(
     x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, m: torch.Tensor,
@@ -178,11 +185,12 @@ def latent_attn_fwd_triton(
     rstd = torch.empty(T, device=x.device, dtype=torch.float32)
     probs = torch.empty(T, H * R, device=x.device, dtype=x.dtype)
     if T > 0:
-        _ln_stats_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)](
-            x, mean, rstd, T, D, x.stride(0), eps)
-        _scores_softmax_kernel[lambda meta: (H, triton.cdiv(T, meta["BLOCK_T"]))](
-            x, ln_weight, ln_bias, m, mean, rstd, probs, T, D, R, x.stride(0), probs.stride(0),
-            IEEE=_is_ieee(x), BLOCK_R=_block_r(R))
+        with device_guard(x):
+            _ln_stats_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)](
+                x, mean, rstd, T, D, x.stride(0), eps)
+            _scores_softmax_kernel[_head_row_grid(H, T)](
+                x, ln_weight, ln_bias, m, mean, rstd, probs, T, D, H, R, x.stride(0), probs.stride(0),
+                IEEE=_is_ieee(x), BLOCK_R=_block_r(R))
     with torch.autocast(x.device.type, enabled=False):
         y = torch.addmm(x, probs, u.view(H * R, D))
     return y, probs, mean, rstd
@@ -201,12 +209,12 @@ def _(x, ln_weight, ln_bias, m, u, eps):
 @triton.autotune(configs=_configs({"BLOCK_T": 32, "BLOCK_D": 64}, _SCORE_GPU), key=["D", "BLOCK_R"],
                  prune_configs_by={"early_config_prune": _prune_score_tiles}, do_bench=_tuning_bench)
 @triton.jit
-def _dscores_kernel(dy_ptr, u_ptr, p_ptr, ds_ptr, T, D, R, stride_dyt, stride_pt,
+def _dscores_kernel(dy_ptr, u_ptr, p_ptr, ds_ptr, T, D, H, R, stride_dyt, stride_pt,
                     IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """dS_h = P_h * (dP_h - rowsum(P_h * dP_h)) with dP_h = dy U_h^T accumulated here."""
-    h = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(0) % H
+    rows = (tl.program_id(0) // H) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     dp = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
     dp = _rows_times_head(dy_ptr, stride_dyt, rows, row_ok, u_ptr + h.to(tl.int64) * R * D, R, D, dp,
@@ -298,10 +306,10 @@ def latent_attn_bwd_triton(
 
     ``need_dm``/``need_du`` False skip a [H*R, D] x T GEMM each (frozen, cached M and U) and
     return an empty tensor in their place."""
-    # The kernels index m, u and P by their shapes and share one row stride among grad_y, x
-    # and dx; no-ops for the public function's (contiguous) arguments.
-    grad_y, x, m, u, probs, ln_weight, ln_bias = (
-        t.contiguous() for t in (grad_y, x, m, u, probs, ln_weight, ln_bias))
+    # The kernels index m, u, P, mean and rstd by their shapes and share one row stride among
+    # grad_y, x and dx; no-ops for the public function's (contiguous) arguments.
+    grad_y, x, m, u, probs, ln_weight, ln_bias, mean, rstd = (
+        t.contiguous() for t in (grad_y, x, m, u, probs, ln_weight, ln_bias, mean, rstd))
     T, D = x.shape
     H, R, _ = m.shape
     N = H * R
@@ -309,13 +317,15 @@ def latent_attn_bwd_triton(
     dm = torch.empty(N, D, device=x.device, dtype=m.dtype) if need_dm else m.new_empty(0)
     dx = torch.empty_like(x)
     if T > 0:
-        _dscores_kernel[lambda meta: (H, triton.cdiv(T, meta["BLOCK_T"]))](
-            grad_y, u, probs, ds, T, D, R, grad_y.stride(0), probs.stride(0),
-            IEEE=_is_ieee(x), BLOCK_R=_block_r(R))
+        with device_guard(x):
+            _dscores_kernel[_head_row_grid(H, T)](
+                grad_y, u, probs, ds, T, D, H, R, grad_y.stride(0), probs.stride(0),
+                IEEE=_is_ieee(x), BLOCK_R=_block_r(R))
     if need_dm:
-        _dm_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(D, meta["BLOCK_D"]))](
-            ds, x, ln_weight, ln_bias, mean, rstd, dm, T, D, N, ds.stride(0), x.stride(0),
-            IEEE=_is_ieee(x))
+        with device_guard(x):
+            _dm_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(D, meta["BLOCK_D"]))](
+                ds, x, ln_weight, ln_bias, mean, rstd, dm, T, D, N, ds.stride(0), x.stride(0),
+                IEEE=_is_ieee(x))
         dm = dm.view(H, R, D)
     with torch.autocast(x.device.type, enabled=False):
         dxn = torch.mm(ds, m.view(N, D))
@@ -327,9 +337,10 @@ def latent_attn_bwd_triton(
     dw_part = torch.empty(blocks, D, device=x.device, dtype=torch.float32)
     db_part = torch.empty(blocks, D, device=x.device, dtype=torch.float32)
     if T > 0:
-        _ln_bwd_kernel[(blocks,)](
-            grad_y, dxn, x, ln_weight, mean, rstd, dx, dw_part, db_part, T, D, x.stride(0),
-            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
+        with device_guard(x):
+            _ln_bwd_kernel[(blocks,)](
+                grad_y, dxn, x, ln_weight, mean, rstd, dx, dw_part, db_part, T, D, x.stride(0),
+                BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
     dw = dw_part.sum(0).to(ln_weight.dtype)
     db = db_part.sum(0).to(ln_bias.dtype)
     return dx, dw, db, dm, du
@@ -414,7 +425,8 @@ def geglu_segment_mean_fwd_triton(a: torch.Tensor, cu_seqlens: torch.Tensor) -> 
     cu_seqlens = cu_seqlens.contiguous()
     batch, F = segment_mean_shape(a, cu_seqlens)
     out = torch.empty(batch, F, device=a.device, dtype=a.dtype)
-    _geglu_mean_fwd_kernel[_geglu_grid(batch, F)](a, cu_seqlens, out, F, a.stride(0), out.stride(0))
+    with device_guard(a):
+        _geglu_mean_fwd_kernel[_geglu_grid(batch, F)](a, cu_seqlens, out, F, a.stride(0), out.stride(0))
     return out
 
 
@@ -432,8 +444,9 @@ def geglu_segment_mean_bwd_triton(
     grad_out, cu_seqlens = grad_out.contiguous(), cu_seqlens.contiguous()
     grad_a = torch.empty(grad_a_shape(grad_out, a.shape[0]), device=a.device, dtype=a.dtype)
     batch, F = grad_out.shape
-    _geglu_mean_bwd_kernel[_geglu_grid(batch, F)](
-        grad_out, a, cu_seqlens, grad_a, F, grad_out.stride(0), a.stride(0), grad_a.stride(0))
+    with device_guard(a):
+        _geglu_mean_bwd_kernel[_geglu_grid(batch, F)](
+            grad_out, a, cu_seqlens, grad_a, F, grad_out.stride(0), a.stride(0), grad_a.stride(0))
     return grad_a
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from .._dispatch import triton_interpreting
+from .._dispatch import device_guard, triton_interpreting
 from ._shapes import grad_hidden_shape, pooled_shape
 
 
@@ -150,11 +150,14 @@ def _grid(batch: int, D: int):
 def masked_mean_fwd_triton(
     hidden: torch.Tensor, mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """hidden [B, L, D] (+ mask [B, L]) or [T, D] + cu_seqlens [B+1] -> [B, D], hidden's dtype."""
+    """hidden [B, L, D] (+ mask [B, L]) or [T, D] + cu_seqlens [B+1] -> [B, D], hidden's dtype.
+
+    hidden and mask may have any strides (passed to the kernel); cu_seqlens is read as contiguous."""
     varlen = cu_seqlens is not None
     batch, D = pooled_shape(hidden, cu_seqlens)
     out = torch.empty(batch, D, device=hidden.device, dtype=hidden.dtype)
     if varlen:
+        cu_seqlens = cu_seqlens.contiguous()
         strides = (0, hidden.stride(0), hidden.stride(1))
         length = hidden.shape[0]
     else:
@@ -162,10 +165,11 @@ def masked_mean_fwd_triton(
         length = hidden.shape[1]
     mask = _mask_for_kernel(mask)
     mask_strides = mask.stride() if mask is not None else (0, 0)
-    _masked_mean_fwd_kernel[_grid(batch, D)](
-        hidden, mask, cu_seqlens, out, length, D, *strides, *mask_strides, out.stride(0),
-        HAS_MASK=mask is not None, IS_VARLEN=varlen,
-    )
+    with device_guard(hidden):
+        _masked_mean_fwd_kernel[_grid(batch, D)](
+            hidden, mask, cu_seqlens, out, length, D, *strides, *mask_strides, out.stride(0),
+            HAS_MASK=mask is not None, IS_VARLEN=varlen,
+        )
     return out
 
 
@@ -184,16 +188,20 @@ def masked_mean_bwd_triton(
     """grad_out [B, D] -> grad of hidden: [B, length, D] padded, [length, D] packed."""
     varlen = cu_seqlens is not None
     batch, D = grad_out.shape
+    # The kernel takes grad_out's row stride only, and reads cu_seqlens as contiguous.
+    grad_out = grad_out if grad_out.stride(1) == 1 else grad_out.contiguous()
+    cu_seqlens = cu_seqlens.contiguous() if varlen else None
     grad_h = torch.empty(
         grad_hidden_shape(grad_out, cu_seqlens, length), device=grad_out.device, dtype=grad_out.dtype
     )
     mask = _mask_for_kernel(mask)
     mask_strides = mask.stride() if mask is not None else (0, 0)
     grad_strides = (0, grad_h.stride(0)) if varlen else grad_h.stride()[:2]
-    _masked_mean_bwd_kernel[_grid(batch, D)](
-        grad_out, mask, cu_seqlens, grad_h, length, D, grad_out.stride(0), *mask_strides,
-        *grad_strides, HAS_MASK=mask is not None, IS_VARLEN=varlen,
-    )
+    with device_guard(grad_out):
+        _masked_mean_bwd_kernel[_grid(batch, D)](
+            grad_out, mask, cu_seqlens, grad_h, length, D, grad_out.stride(0), *mask_strides,
+            *grad_strides, HAS_MASK=mask is not None, IS_VARLEN=varlen,
+        )
     return grad_h
 
 

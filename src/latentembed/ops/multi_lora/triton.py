@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from .._dispatch import triton_interpreting
+from .._dispatch import device_guard, triton_interpreting
 from .grouping import BLOCK_M
 
 # (SUB_M, BLOCK_K, BLOCK_N, SPLIT_N, num_warps, num_stages) tried by the autotuner on the GPU.
@@ -281,16 +281,21 @@ def multi_lora_fwd_triton(
     sorted_rows: torch.Tensor,
     blocks: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """-> (out [N, out] = base_out + LoRA delta, h [N, R] fp32 = s_t * x A_t^T at sorted positions)."""
+    """-> (out [N, out] = base_out + LoRA delta, h [N, R] fp32 = s_t * x A_t^T at sorted positions).
+
+    base_out, x, lora_a and lora_b may have any strides (passed to the kernel)."""
     n, d_in = x.shape
     _, rank, _ = lora_a.shape
     d_out = base_out.shape[1]
+    # Indexed by position in the kernel; no-ops for group_by_adapter's tables.
+    scaling, sorted_rows, blocks = (t.contiguous() for t in (scaling, sorted_rows, blocks))
     out = torch.empty(n, d_out, device=x.device, dtype=x.dtype)
     h = torch.empty(n, rank, device=x.device, dtype=torch.float32)
-    _shrink_expand(
-        x, lora_a.stride(), lora_a, lora_b.stride(), lora_b, scaling, base_out, out, h, sorted_rows, blocks,
-        d_in, d_out, rank, store_h=True, store_y=True,
-    )
+    with device_guard(x):
+        _shrink_expand(
+            x, lora_a.stride(), lora_a, lora_b.stride(), lora_b, scaling, base_out, out, h, sorted_rows, blocks,
+            d_in, d_out, rank, store_h=True, store_y=True,
+        )
     return out, h
 
 
@@ -320,27 +325,31 @@ def multi_lora_bwd_triton(
     n, d_in = x.shape
     _, rank, _ = lora_a.shape
     d_out = grad_out.shape[1]
-    # Distinct empty tensors: outputs of a custom op may not alias each other.
-    grad_x, grad_a, grad_b = x.new_empty(0), x.new_empty(0), x.new_empty(0)
-    if need_x or need_a:
-        g = torch.empty(n, rank, device=x.device, dtype=torch.float32)
-        if need_x:
-            grad_x = torch.empty(n, d_in, device=x.device, dtype=x.dtype)
-        b_as_w1 = (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1))  # B_t^T: [R, out]
-        a_as_w2 = (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1))  # A_t^T: [in, R]
-        _shrink_expand(
-            grad_out, b_as_w1, lora_b, a_as_w2, lora_a, scaling, None, grad_x, g, sorted_rows, blocks,
-            d_out, d_in, rank, store_h=need_a, store_y=need_x,
-        )
-        if need_a:
-            grad_a = torch.empty_like(lora_a, memory_format=torch.contiguous_format)
-            _weight_grad(g, x, sorted_rows, reduce_blocks, reduce_offsets, grad_a, grad_a.stride(), rank)
-    if need_b:
-        grad_b = torch.empty_like(lora_b, memory_format=torch.contiguous_format)
-        # partials are [R, out]; dB_t is [out, R]: write through swapped strides.
-        strides = (grad_b.stride(0), grad_b.stride(2), grad_b.stride(1))
-        _weight_grad(h, grad_out, sorted_rows, reduce_blocks, reduce_offsets, grad_b, strides, rank)
-    return grad_x, grad_a, grad_b
+    # Indexed by position in the kernels (grad_out, x and the weights go with their strides).
+    scaling, h, sorted_rows, blocks, reduce_blocks, reduce_offsets = (
+        t.contiguous() for t in (scaling, h, sorted_rows, blocks, reduce_blocks, reduce_offsets))
+    with device_guard(x):
+        # Distinct empty tensors: outputs of a custom op may not alias each other.
+        grad_x, grad_a, grad_b = x.new_empty(0), x.new_empty(0), x.new_empty(0)
+        if need_x or need_a:
+            g = torch.empty(n, rank, device=x.device, dtype=torch.float32)
+            if need_x:
+                grad_x = torch.empty(n, d_in, device=x.device, dtype=x.dtype)
+            b_as_w1 = (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1))  # B_t^T: [R, out]
+            a_as_w2 = (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1))  # A_t^T: [in, R]
+            _shrink_expand(
+                grad_out, b_as_w1, lora_b, a_as_w2, lora_a, scaling, None, grad_x, g, sorted_rows, blocks,
+                d_out, d_in, rank, store_h=need_a, store_y=need_x,
+            )
+            if need_a:
+                grad_a = torch.empty_like(lora_a, memory_format=torch.contiguous_format)
+                _weight_grad(g, x, sorted_rows, reduce_blocks, reduce_offsets, grad_a, grad_a.stride(), rank)
+        if need_b:
+            grad_b = torch.empty_like(lora_b, memory_format=torch.contiguous_format)
+            # partials are [R, out]; dB_t is [out, R]: write through swapped strides.
+            strides = (grad_b.stride(0), grad_b.stride(2), grad_b.stride(1))
+            _weight_grad(h, grad_out, sorted_rows, reduce_blocks, reduce_offsets, grad_b, strides, rank)
+        return grad_x, grad_a, grad_b
 
 
 @multi_lora_bwd_triton.register_fake
