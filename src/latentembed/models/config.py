@@ -18,6 +18,59 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3")
 # model_type spellings of the same families in embedding checkpoints (NV-Embed's text_config).
 MODEL_TYPE_ALIASES = {"bidir_mistral": "mistral", "bidir_llama": "llama", "bidir_qwen2": "qwen2"}
 
+_INT, _NUMBER, _BOOL = "an integer", "a number", "a boolean"
+# Field -> expected kind, for DecoderConfig's fields and for config.json's (HF names). A wrong
+# type must fail here: bool("false") is True and float("1e-6") parses, so a later cast would
+# hide it. In config.json any field may be null or absent (the required sizes are reported as
+# missing); in DecoderConfig only the _NULLABLE ones may be None.
+_CONFIG_TYPES = {
+    "vocab_size": _INT, "hidden_size": _INT, "intermediate_size": _INT, "num_hidden_layers": _INT,
+    "num_attention_heads": _INT, "num_key_value_heads": _INT, "head_dim": _INT,
+    "max_position_embeddings": _INT, "sliding_window": _INT, "pad_token_id": _INT,
+    "rms_norm_eps": _NUMBER, "rope_theta": _NUMBER,
+    "qkv_bias": _BOOL, "o_bias": _BOOL, "mlp_bias": _BOOL, "tie_word_embeddings": _BOOL,
+    "attention_bias": _BOOL, "use_sliding_window": _BOOL,
+}
+_ROPE_TYPES = {"rope_theta": _NUMBER, "factor": _NUMBER, "low_freq_factor": _NUMBER,
+               "high_freq_factor": _NUMBER, "original_max_position_embeddings": _INT}
+_NULLABLE = frozenset({"num_key_value_heads", "head_dim", "sliding_window", "pad_token_id"})
+_POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "max_position_embeddings")
+
+
+def _check_kind(field: str, value: object, kind: str, nullable: bool = True) -> None:
+    """Raise TypeError unless ``value`` is of ``kind`` (or ``None`` where nullable); bools are
+    not numbers."""
+    if value is None and nullable:
+        return
+    if kind == _BOOL:
+        ok = isinstance(value, bool)
+    elif isinstance(value, bool):
+        ok = False
+    else:
+        ok = isinstance(value, int) or (kind == _NUMBER and isinstance(value, float))
+    if not ok:
+        raise TypeError(f"{field} must be {kind}, got {value!r} ({type(value).__name__})")
+
+
+def _check_types(fields: dict, prefix: str = "", nullable=frozenset(_CONFIG_TYPES)) -> None:
+    """Types of the known ``fields`` (and of rope_scaling / rope_parameters' entries); the error
+    names the field as ``prefix + name``. Absent fields pass; present ones may be None only if
+    listed in ``nullable``."""
+    for name, kind in _CONFIG_TYPES.items():
+        if name in fields:
+            _check_kind(prefix + name, fields[name], kind, name in nullable)
+    for rope_name in ("rope_scaling", "rope_parameters"):
+        rope = fields.get(rope_name)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise TypeError(
+                f"{prefix}{rope_name} must be an object (dict) or null, got {rope!r} ({type(rope).__name__})"
+            )
+        for name, kind in _ROPE_TYPES.items():
+            _check_kind(f"{prefix}{rope_name}.{name}", rope.get(name), kind)
+
 
 @dataclass
 class DecoderConfig:
@@ -67,6 +120,15 @@ class DecoderConfig:
     extra: dict = field(default_factory=dict, repr=False, compare=False)  # other config.json fields, kept for saving
 
     def __post_init__(self) -> None:
+        _check_types(vars(self), nullable=_NULLABLE)
+        for name in _POSITIVE:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if self.num_hidden_layers < 0:
+            raise ValueError(f"num_hidden_layers must be >= 0, got {self.num_hidden_layers}")
+        if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
+            raise ValueError(f"rms_norm_eps and rope_theta must be > 0, got {self.rms_norm_eps} and {self.rope_theta}")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"model_type must be one of {SUPPORTED_MODEL_TYPES}, got {self.model_type!r}"
@@ -108,23 +170,41 @@ class DecoderConfig:
     def from_hf_config(cls, source: Union[str, Path, dict]) -> "DecoderConfig":
         """Build from a HF ``config.json``: a directory holding one, the file, or its dict.
 
+        Errors (invalid JSON, a field of the wrong type, a bad value) name the file (or
+        "config dict"), the field, what was expected and what came.
+
         Example:
             >>> cfg = DecoderConfig.from_hf_config("path/to/Mistral-7B")  # doctest: +SKIP
         """
         if isinstance(source, dict):
-            hf = dict(source)
+            hf, where = dict(source), "config dict"
         else:
             path = Path(source)
             if path.is_dir():
                 path = path / "config.json"
             if not path.is_file():
                 raise FileNotFoundError(f"no config.json at {path}")
-            hf = json.loads(path.read_text())
+            where = str(path)
+            try:
+                hf = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} "
+                                 f"(char {e.pos})") from e
+            if not isinstance(hf, dict):
+                raise ValueError(f"{where} must hold a JSON object (a dict of fields), got {type(hf).__name__}")
+        try:
+            return cls._from_hf_dict(hf)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{where}: {e}") from e
+
+    @classmethod
+    def _from_hf_dict(cls, hf: dict) -> "DecoderConfig":
+        prefix = ""
         model_type = MODEL_TYPE_ALIASES.get(hf.get("model_type"), hf.get("model_type"))
         text = hf.get("text_config")
         if model_type not in SUPPORTED_MODEL_TYPES and isinstance(text, dict):
             # Wrapper configs (NV-Embed's "nvembed") nest the backbone's config as text_config.
-            hf = dict(text)
+            hf, prefix = dict(text), "text_config."
             model_type = MODEL_TYPE_ALIASES.get(hf.get("model_type"), hf.get("model_type"))
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -134,12 +214,15 @@ class DecoderConfig:
         missing = [k for k in required if hf.get(k) is None]
         if missing:
             raise ValueError(f"config ({model_type}) lacks required fields {missing}")
+        _check_types(hf, prefix)
         # transformers 5 nests rope_theta and the scaling in rope_parameters; older configs
         # keep rope_theta at the top level and the scaling in rope_scaling (type or rope_type).
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         if "type" in rope and "rope_type" not in rope:
             rope["rope_type"] = rope.pop("type")
-        theta = rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+        theta = rope.pop("rope_theta", None)
+        theta = hf.get("rope_theta") if theta is None else theta
+        theta = 10000.0 if theta is None else theta  # (an `or` chain would turn 0 into 10000)
         rope.pop("partial_rotary_factor", None)
         attention_bias = bool(hf.get("attention_bias", False))
         qkv_bias = True if model_type == "qwen2" else attention_bias

@@ -143,35 +143,52 @@ class DecoderModel(nn.Module):
             cu_seqlens: int32 [B+1] sequence offsets of packed input.
             max_seqlen: longest packed sequence (read from ``cu_seqlens`` when needed and None).
             inputs_embeds: [B, L, D] or [T, D] instead of ``input_ids``.
-            position_ids: [B, L] or [T]; default counts real tokens from 0 in every sequence.
+            position_ids: integer [B, L] or [T]; default counts real tokens from 0 in every
+                sequence.
             causal / attn_backend: override the model's defaults for this call.
             unpad: padded input only: ``True`` packs the real tokens, runs packed and re-pads
                 (no compute on padding); ``"auto"`` does so when a packed kernel (flash or
                 varlen) can run; ``False`` never.
             output_hidden_states: also return every layer's output.
-            validate: check ``cu_seqlens`` values (one host sync).
+            validate: check the values of ``cu_seqlens`` and that the token ids are in
+                ``[0, vocab_size)`` (one host sync each; skipped under torch.compile).
+
+        Every tensor argument must be on the model's device. Padding positions (``attention_mask``
+        0) never influence real tokens, whatever they hold: their ``input_ids`` are not looked
+        up (a pad id of -1 or -100 is fine), their ``inputs_embeds`` are replaced by zeros (NaN
+        or inf there cannot leak through the attention's ``0 * v``), their ``position_ids`` are
+        unused, and they receive zero gradient.
 
         Returns:
             :class:`DecoderOutput` in the input's layout.
         """
         causal = self.causal if causal is None else causal
         backend = attn_backend or self.attn_backend
-        hidden = self._embed(input_ids, inputs_embeds, packed=cu_seqlens is not None)
+        packed = cu_seqlens is not None
+        if packed and attention_mask is not None:
+            raise ValueError("pass either attention_mask (padded input) or cu_seqlens (packed input), not both")
+        source = self._check_token_input(input_ids, inputs_embeds, packed)
+        source_name = "input_ids" if input_ids is not None else "inputs_embeds"
+        lead = tuple(source.shape[: 1 if packed else 2])  # (T,) or (B, L)
+        mask = None
+        if packed:
+            self._check_device("cu_seqlens", cu_seqlens)
+            _checks.check_cu_seqlens(cu_seqlens, lead[0], source_name, values=validate)
+        elif attention_mask is not None:
+            self._check_mask(attention_mask, lead, source_name)
+            mask = attention_mask.bool()
+        if position_ids is not None:
+            self._check_position_ids(position_ids, lead, source_name)
+        hidden = self._embed(input_ids, inputs_embeds, mask, validate)
         compute_dtype = self._compute_dtype(hidden)
-        if cu_seqlens is not None:
-            if attention_mask is not None:
-                raise ValueError("pass either attention_mask (padded input) or cu_seqlens (packed input), not both")
-            _checks.check_same_device("cu_seqlens", cu_seqlens, "input", hidden)
-            _checks.check_cu_seqlens(cu_seqlens, hidden.shape[0], "input_ids", values=validate)
+        if packed:
             positions = packed_positions(cu_seqlens, hidden.shape[0]) if position_ids is None else position_ids
             name = select_attention_backend(backend, hidden.device, compute_dtype, packed=True)
             return self._run_packed(hidden, positions, cu_seqlens, max_seqlen, causal, name, output_hidden_states)
 
         B, L, _ = hidden.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(B, L, dtype=torch.bool, device=hidden.device)
-        self._check_mask(attention_mask, hidden)
-        mask = attention_mask.bool()
+        if mask is None:
+            mask = torch.ones(B, L, dtype=torch.bool, device=hidden.device)
         if unpad == "auto":
             unpad = backend in PACKED_ONLY or (
                 backend == "auto" and packed_backend_available(hidden.device, compute_dtype) is not None
@@ -190,9 +207,15 @@ class DecoderModel(nn.Module):
             states = tuple(torch.where(keep, s, 0.0) for s in states)
         return DecoderOutput(last, states)
 
-    # -- internals -------------------------------------------------------------------------
+    # -- argument checks -------------------------------------------------------------------
 
-    def _embed(self, input_ids, inputs_embeds, packed: bool) -> torch.Tensor:
+    def _check_device(self, name: str, tensor: torch.Tensor) -> None:
+        # A tensor elsewhere (meta, another GPU) would be read as garbage by some kernels
+        # (an embedding lookup of meta ids returns uninitialised memory) instead of failing.
+        _checks.check_same_device(name, tensor, "the model's parameters", self.embed_tokens.weight)
+
+    def _check_token_input(self, input_ids, inputs_embeds, packed: bool) -> torch.Tensor:
+        """The given one of ``input_ids`` / ``inputs_embeds``, checked (type, shape, dtype, device)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
@@ -201,9 +224,10 @@ class DecoderModel(nn.Module):
             if input_ids.ndim != want:
                 layout = "[T] with cu_seqlens" if packed else "[B, L] (or [T] with cu_seqlens)"
                 raise ValueError(f"input_ids must have {want} dims {layout}, got shape {tuple(input_ids.shape)}")
-            if input_ids.dtype.is_floating_point:
+            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
                 raise TypeError(f"input_ids must be an integer tensor, got {_checks.dtype_name(input_ids.dtype)}")
-            return self.embed_tokens(input_ids)
+            self._check_device("input_ids", input_ids)
+            return input_ids
         _checks.check_tensor("inputs_embeds", inputs_embeds)
         want = 2 if packed else 3
         if inputs_embeds.ndim != want or inputs_embeds.shape[-1] != self.config.hidden_size:
@@ -212,18 +236,64 @@ class DecoderModel(nn.Module):
                 f"inputs_embeds must have shape {layout} with D = {self.config.hidden_size}, "
                 f"got {tuple(inputs_embeds.shape)}"
             )
+        self._check_device("inputs_embeds", inputs_embeds)
         return inputs_embeds
 
-    @staticmethod
-    def _check_mask(mask: torch.Tensor, hidden: torch.Tensor) -> None:
+    def _check_mask(self, mask: torch.Tensor, lead: tuple, source_name: str) -> None:
         _checks.check_tensor("attention_mask", mask)
-        if tuple(mask.shape) != tuple(hidden.shape[:2]):
+        if tuple(mask.shape) != lead:
             raise ValueError(
-                f"attention_mask must have shape [B, L] = {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}"
+                f"attention_mask must have shape [B, L] = {lead} (from {source_name}), got {tuple(mask.shape)}"
             )
-        if mask.dtype.is_floating_point:
+        if mask.dtype.is_floating_point or mask.dtype.is_complex:
             raise TypeError(f"attention_mask must be bool or integer (1 = real), got {_checks.dtype_name(mask.dtype)}")
-        _checks.check_same_device("attention_mask", mask, "input", hidden)
+        self._check_device("attention_mask", mask)
+
+    def _check_position_ids(self, position_ids: torch.Tensor, lead: tuple, source_name: str) -> None:
+        _checks.check_tensor("position_ids", position_ids)
+        if tuple(position_ids.shape) != lead:
+            raise ValueError(
+                f"position_ids must have the shape of {source_name} {lead}, got {tuple(position_ids.shape)}"
+            )
+        dtype = position_ids.dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+            raise TypeError(f"position_ids must be an integer tensor, got {_checks.dtype_name(dtype)}")
+        self._check_device("position_ids", position_ids)
+
+    def _check_token_range(self, ids: torch.Tensor) -> None:
+        """Token ids in [0, vocab_size), else a ValueError naming the first bad one (the embedding
+        itself says only "index out of range in self", or fails a device-side assert on a GPU)."""
+        vocab = self.embed_tokens.num_embeddings
+        if ids.numel() == 0 or ids.device.type == "meta":
+            return
+        lo, hi = torch.stack((ids.min(), ids.max())).tolist()  # one host read for both bounds
+        if lo >= 0 and hi < vocab:
+            return
+        bad = lo if lo < 0 else hi
+        where = tuple((ids == bad).nonzero()[0].tolist())
+        raise ValueError(
+            f"input_ids must be token ids in [0, {vocab}) (vocab_size {vocab}), got {bad} at position "
+            f"{where}; is the tokenizer the model's?"
+        )
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _embed(self, input_ids, inputs_embeds, mask: Optional[torch.Tensor], validate: bool) -> torch.Tensor:
+        """Embeddings [B, L, D] or [T, D]; rows where ``mask`` [B, L] is False are zeros."""
+        if input_ids is not None:
+            if mask is not None:
+                # Padding ids are never looked up: pads of -1 or -100 are common conventions.
+                input_ids = torch.where(mask, input_ids, 0)
+            if validate and not torch.compiler.is_compiling():
+                self._check_token_range(input_ids)
+            hidden = self.embed_tokens(input_ids)
+        else:
+            hidden = inputs_embeds
+        if mask is not None:
+            # Real queries give padding keys probability 0, but 0 * NaN (or inf) in P @ V is NaN:
+            # only zeroing the padding rows keeps them out of the real tokens (and their grads).
+            hidden = torch.where(mask.unsqueeze(-1), hidden, 0.0)
+        return hidden
 
     @staticmethod
     def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:

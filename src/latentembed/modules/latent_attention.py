@@ -25,7 +25,7 @@ from ..ops import _checks
 from ..ops.latent_attention import geglu_segment_mean, latent_cross_attention
 from ..ops.masked_mean import masked_mean_pool
 from .latent_attention_reference import LatentAttentionParameters
-from .pooling import pack_pool_rows
+from .pooling import l2_normalize, pack_pool_rows
 
 __all__ = ["LatentAttentionPooling"]
 
@@ -203,7 +203,7 @@ class LatentAttentionPooling(LatentAttentionParameters):
         res_dtype = torch.promote_types(hidden.dtype, cdt)
         backend = self.backend
         rows, cu = pack_pool_rows(hidden, pool_mask, cu_seqlens)
-        pooled_any = (cu[1:] > cu[:-1]).to(acc)[:, None]  # [B, 1]: 0 for a sequence with nothing pooled
+        pooled_any = (cu[1:] > cu[:-1])[:, None]  # [B, 1]: False for a sequence with nothing pooled
 
         attn_block, ff_block = self.cross_attend_blocks
         net = ff_block.fn.net
@@ -228,9 +228,13 @@ class LatentAttentionPooling(LatentAttentionParameters):
             y_mean = masked_mean_pool(y.to(acc), cu_seqlens=cu, backend=backend, validate=False)  # [B, D]
             # mean_t(y_t + W2 g_t + b2) = mean_t(y_t) + W2 mean_t(g_t) + b2, for pooled-to sequences.
             ff_mean = F.linear(act_mean, net[2].weight.to(cdt))
-            pooled = y_mean.to(acc) + ff_mean.to(acc) + pooled_any * net[2].bias.to(acc)
+            pooled = y_mean.to(acc) + ff_mean.to(acc) + net[2].bias.to(acc)
+            # A sequence with nothing pooled is zero and sends exactly zero gradient back: any
+            # gradient reaching its row (F.normalize's g / 1e-12 at a zero row, inf in fp16)
+            # would meet its zero GEGLU mean in W2's gradient and make 0 * inf = NaN.
+            pooled = torch.where(pooled_any, pooled, 0.0)
             if self.normalize:
-                pooled = F.normalize(pooled, p=2, dim=-1)
+                pooled = l2_normalize(pooled)
         return pooled.to(hidden.dtype)
 
     def _cross_attention_wide_residual(self, x: torch.Tensor, m: torch.Tensor, u: torch.Tensor,

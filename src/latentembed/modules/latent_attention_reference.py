@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pooling import check_pool_mask
+from .pooling import check_pool_mask, l2_normalize
 
 __all__ = [
     "LatentAttentionParameters",
@@ -273,6 +273,7 @@ class LatentAttentionPoolingReference(LatentAttentionParameters):
         # Our rule for a sequence with nothing to pool: zeros (the public code gives NaN).
         pooled = total / count.clamp_min(1)
         if self.normalize:
-            pooled = F.normalize(pooled, p=2, dim=-1)
+            # F.normalize's rounding; a zero row (nothing pooled) stays zero with zero gradient.
+            pooled = l2_normalize(pooled)
         return pooled.to(hidden.dtype)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops import _checks
@@ -30,7 +29,7 @@ from ..ops.masked_mean import masked_mean_pool
 if TYPE_CHECKING:
     from .latent_attention import LatentAttentionPooling
 
-__all__ = ["POOLING_MODES", "pool", "Pooling", "check_pool_mask", "pack_pool_rows", "segment_of_row"]
+__all__ = ["POOLING_MODES", "pool", "Pooling", "check_pool_mask", "l2_normalize", "pack_pool_rows", "segment_of_row"]
 
 POOLING_MODES = ("mean", "last", "first", "weighted_mean", "latent_attention")
 
@@ -58,6 +57,25 @@ def check_pool_mask(pool_mask: Optional[torch.Tensor], hidden: torch.Tensor, pac
             f"{expected} (hidden shape {tuple(hidden.shape)})"
         )
     _checks.check_same_device("pool_mask", pool_mask, "hidden", hidden)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Rows of ``x`` [..., D] scaled to unit L2 norm, in float32 (float64 stays float64), returned
+    in x's dtype; an all-zero row (a sequence with nothing pooled) stays zero and gets exactly
+    zero gradient, whatever gradient arrives for it.
+
+    Other rows are bitwise ``F.normalize(x.float(), dim=-1).to(x.dtype)``. F.normalize itself
+    sends ``g / eps`` (1e12 g) back to a zero row: infinite once rounded to fp16, and NaN as soon
+    as it meets the zeros that produced the row (0 * inf in a weight gradient).
+
+    Example:
+        >>> l2_normalize(torch.tensor([[3.0, 4.0], [0.0, 0.0]])).tolist()
+        [[0.6000000238418579, 0.800000011920929], [0.0, 0.0]]
+    """
+    acc = x.to(torch.promote_types(x.dtype, torch.float32))
+    norm = acc.norm(p=2, dim=-1, keepdim=True)
+    # The same division as F.normalize; the where() stops every gradient of a zero row.
+    return torch.where(norm > 0, acc / norm.clamp_min(eps), 0.0).to(x.dtype)
 
 
 def segment_of_row(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -209,7 +227,7 @@ def pool(
         else:
             out = _pick_rows(rows, cu, last=mode == "last")
     if normalize:
-        out = F.normalize(out.to(torch.promote_types(out.dtype, torch.float32)), p=2, dim=-1).to(out.dtype)
+        out = l2_normalize(out)
     return out
 
 
