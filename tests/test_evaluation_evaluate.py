@@ -79,8 +79,9 @@ def test_matches_brute_force_run(as_numpy):
     assert out["num_docs"] == 8 and out["embedding_dim"] == 256
     assert out["recall@10"] == 1.0  # 8 docs, k = 10: everything retrieved
     assert out["mrr@1"] > 0.5  # the word-overlap set is easy for a bag of words
-    # corpus then queries; only the 4 judged queries are encoded; batch_size passed through
-    assert [c["n"] for c in model.calls] == [8, 4]
+    # one probe text per side, then corpus then queries; only the 4 judged queries are encoded;
+    # batch_size passed through
+    assert [c["n"] for c in model.calls] == [1, 1, 8, 4]
     assert all(c["batch_size"] == 3 for c in model.calls)
 
 
@@ -88,7 +89,7 @@ def test_query_and_doc_kwargs_and_run():
     model = HashedBagOfWords()
     out = evaluate_retrieval(model, CORPUS, QUERIES, QRELS, k_values=(2,), query_kwargs={"prefix": "query: "},
                              doc_kwargs={"prefix": "passage: "}, return_run=True)
-    assert [c["prefix"] for c in model.calls] == ["passage: ", "query: "]
+    assert [c["prefix"] for c in model.calls] == ["passage: ", "query: "] * 2
     run = out["run"]
     assert set(run) == {"q_france", "q_memory", "q_tea", "q_whale"}
     assert all(len(ranking) == 2 for ranking in run.values())
@@ -124,7 +125,7 @@ def test_errors():
         evaluate_retrieval(model, CORPUS, QUERIES, {"q_tea": {"tea": 0}})
     with pytest.raises(ValueError, match="corpus: expected at least one document"):
         evaluate_retrieval(model, {}, QUERIES, {})
-    with pytest.raises(ValueError, match=r"model.encode\(corpus\): expected shape \[8, D\]"):
+    with pytest.raises(ValueError, match=r"model.encode\(corpus\): expected shape \[1, D\]"):  # the probe
         evaluate_retrieval(_WrongShape(), CORPUS, QUERIES, QRELS)
     with pytest.raises(ValueError, match="k_values"):
         evaluate_retrieval(model, CORPUS, QUERIES, QRELS, k_values=(0,))

@@ -1,4 +1,4 @@
-"""argparse ``type=`` converters shared by the ``train`` and ``eval`` commands."""
+"""argparse ``type=`` converters and flag names shared by the ``train`` and ``eval`` commands."""
 
 from __future__ import annotations
 
@@ -22,3 +22,8 @@ def _number(convert: Callable, ok: Callable, what: str) -> Callable[[str], objec
 positive_int = _number(int, lambda v: v >= 1, "a positive int")
 nonnegative_int = _number(int, lambda v: v >= 0, "an int >= 0")
 positive_float = _number(float, lambda v: v > 0, "a positive number")
+
+
+def cli_flag(argument: str) -> str:
+    """The command-line flag of a Python argument: ``"max_length"`` -> ``"--max-length"``."""
+    return "--" + argument.replace("_", "-")

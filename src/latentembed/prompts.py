@@ -127,6 +127,11 @@ class PromptTemplate:
     def __hash__(self) -> int:
         return hash((self.name, self.instruction_format, tuple(self.tasks.items())))
 
+    def __reduce__(self):
+        # The read-only tasks view cannot be pickled or deep-copied itself (nor can a model
+        # holding the template); rebuild from a plain dict instead.
+        return (PromptTemplate, (self.name, self.instruction_format, dict(self.tasks)))
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PromptTemplate):
             return NotImplemented

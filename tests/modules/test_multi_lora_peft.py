@@ -9,6 +9,7 @@ import torch
 from latentembed.modules.lora import apply_multi_lora, lora_routing, multi_lora_layers
 from latentembed.modules.peft_interop import load_peft_adapter, save_peft_adapter
 from tests.conftest import SESSION_SEED
+from tests.tolerances import assert_within_budget
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -63,6 +64,14 @@ def _peft_out(peft_model, ids, **kw):
         return peft_model(input_ids=ids, **kw).last_hidden_state
 
 
+def _assert_matches_peft(out, peft_model, ids, **kw):
+    """``out`` (ours, float32) against PEFT's float32 output under the error budget: at most
+    twice PEFT's own float32 error, both measured against PEFT run in float64. (A fixed 1e-5
+    tolerance failed on some seeds: two float32 forwards through 2 layers differ by ~2e-5.)"""
+    exact = _peft_out(copy.deepcopy(peft_model).double(), ids, **kw)
+    assert_within_budget("hidden states", out, _peft_out(peft_model, ids, **kw), exact)
+
+
 def test_each_adapter_matches_peft(peft_setup):
     base, peft_model, dirs = peft_setup
     ours = _ours(base, dirs)
@@ -72,7 +81,7 @@ def test_each_adapter_matches_peft(peft_setup):
         with torch.no_grad(), lora_routing(ours, [name] * 3):
             out = ours(input_ids=ids).last_hidden_state
         expected = _peft_out(peft_model, ids)
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        _assert_matches_peft(out, peft_model, ids)
         # The adapter changes the output (the comparison is not base vs base).
         with torch.no_grad(), lora_routing(ours, ["base"] * 3):
             assert not torch.allclose(ours(input_ids=ids).last_hidden_state, expected, atol=1e-3)
@@ -86,7 +95,7 @@ def test_mixed_batch_matches_peft_adapter_names(peft_setup):
     expected = _peft_out(peft_model, ids, adapter_names=tasks)
     with torch.no_grad(), lora_routing(ours, [t if t != "__base__" else "base" for t in tasks]):
         out = ours(input_ids=ids).last_hidden_state
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    _assert_matches_peft(out, peft_model, ids, adapter_names=tasks)
 
 
 def test_loaded_ranks_and_scalings(peft_setup):
@@ -109,9 +118,9 @@ def test_save_back_loads_in_peft_with_equal_outputs(peft_setup, tmp_path):
         reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / name)).eval()
         with torch.no_grad(), lora_routing(ours, [name] * 2):
             out = ours(input_ids=ids).last_hidden_state
-        torch.testing.assert_close(_peft_out(reloaded, ids), out, rtol=1e-5, atol=1e-5)
+        _assert_matches_peft(out, reloaded, ids)
         peft_model.set_adapter(name)
-        torch.testing.assert_close(_peft_out(peft_model, ids), out, rtol=1e-5, atol=1e-5)
+        _assert_matches_peft(out, peft_model, ids)
     config = json.loads((tmp_path / "passage" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 16 and sorted(config["target_modules"]) == sorted(TARGETS)
 
@@ -129,7 +138,7 @@ def test_save_trained_adapter_without_peft_twin(peft_setup, tmp_path):
     ids = torch.randint(0, 101, (2, 5))
     with torch.no_grad(), lora_routing(ours, ["classification"] * 2):
         out = ours(input_ids=ids).last_hidden_state
-    torch.testing.assert_close(_peft_out(reloaded, ids), out, rtol=1e-5, atol=1e-5)
+    _assert_matches_peft(out, reloaded, ids)
 
 
 def test_load_errors(peft_setup, tmp_path):

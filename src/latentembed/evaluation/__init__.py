@@ -12,7 +12,7 @@ from .data import (
     load_queries,
     load_retrieval_dataset,
 )
-from .evaluate import Encoder, evaluate_retrieval, search_results
+from .evaluate import Encoder, check_retrieval_inputs, evaluate_retrieval, search_results
 from .metrics import count_evaluable_queries, per_query_metrics, retrieval_metrics
 from .search import exact_search, exact_search_reference
 
@@ -20,6 +20,7 @@ __all__ = [
     "DatasetFormatError",
     "Encoder",
     "check_qrels",
+    "check_retrieval_inputs",
     "count_evaluable_queries",
     "evaluate_retrieval",
     "exact_search",

@@ -4,12 +4,12 @@ BEIR-style retrieval set (JSONL corpus and queries, JSONL or TSV qrels)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, Optional, Sequence
 
-from .._cli_types import positive_int
+from .._cli_types import cli_flag, positive_int
+from ..atomic_io import atomic_write_json
 
 __all__ = ["main", "build_parser", "format_table"]
 
@@ -75,6 +75,20 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _unwritable(flag: str, path: str) -> Optional[str]:
+    """Why file ``path`` could not be written (its missing parent directories created), or None."""
+    if os.path.isdir(path):
+        return f"{flag} {path}: is a directory; expected the path of a file to write"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{flag} {path}: {parent} is a file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{flag} {path}: directory {parent} is not writable"
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the eval command; returns the exit code (0 ok, 1 bad files / model / data, 2 usage)."""
     args = build_parser().parse_args(argv)
@@ -84,11 +98,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not (os.path.isdir(path) if is_dir else os.path.isfile(path)):
             kind = "directory" if is_dir else "file"
             return _fail(f"{flag}: no such {kind}: {path}")
+    # Everything the arguments and data alone can refute is checked before the model loads.
+    if args.json is not None and (why := _unwritable("--json", args.json)) is not None:
+        return _fail(why)
 
     import torch
 
     from .data import DatasetFormatError, load_retrieval_dataset
-    from .evaluate import evaluate_retrieval
+    from .evaluate import check_retrieval_inputs, evaluate_retrieval
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -96,16 +113,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         corpus, queries, qrels = load_retrieval_dataset(args.corpus, args.queries, args.qrels)
-    except (DatasetFormatError, FileNotFoundError, UnicodeDecodeError) as e:
+        check_retrieval_inputs(corpus, queries, qrels, args.k)
+    except (DatasetFormatError, FileNotFoundError, ValueError) as e:
         return _fail(str(e))
 
     from ..models.embedding import EmbeddingModel
+    from ..models.embedding_io import ArgumentError
 
     load_kwargs: dict[str, Any] = {"device": device, "dtype": getattr(torch, args.dtype) if args.dtype else None}
     if args.pooling is not None:
         load_kwargs["pooling"] = args.pooling
     try:
         model = EmbeddingModel.from_pretrained(args.model, **load_kwargs)
+    except ArgumentError as e:  # a from_pretrained argument: name the flag that set it
+        return _fail(f"--model {args.model}: {e.message_for(cli_flag(e.argument))}")
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
         return _fail(f"--model {args.model}: {e}")
 
@@ -136,9 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             **{key: value for key, value in result.items() if "@" not in key},
         }
         try:
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(payload, f, indent=2)
-                f.write("\n")
+            atomic_write_json(args.json, payload)
         except OSError as e:
             return _fail(f"--json {args.json}: {e}")
         print(f"wrote {args.json}")

@@ -11,16 +11,17 @@ Formats (UTF-8; a ``.gz`` suffix is read through gzip; blank lines are skipped):
   ``.jsonl`` / ``.json`` suffix JSONL; otherwise a first line starting with ``{`` means JSONL.
 
 Ids may be JSON strings or integers (read as their decimal string). Every error names
-``file:line`` and what was wrong there: invalid JSON, a missing or mistyped field, a duplicate id
-or (query, document) pair, a qrels row naming an unknown query or document.
+``file:line`` and what was wrong there: bytes that are not UTF-8 (or damaged gzip data), invalid
+JSON, a missing or mistyped field, a duplicate id or (query, document) pair, a qrels row naming an
+unknown query or document.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from typing import Collection, Iterator, Optional, Union
+
+from .._text_files import parse_json_line, text_lines
 
 __all__ = [
     "DatasetFormatError",
@@ -38,30 +39,15 @@ class DatasetFormatError(ValueError):
     """A retrieval data file is malformed; the message starts with ``file:line:``."""
 
 
-def _open_text(path: PathLike):
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
 def _lines(path: PathLike) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its newline) for every non-blank line."""
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                yield lineno, line.rstrip("\r\n")
+    """(1-based line number, line without its break) for every non-blank line."""
+    return text_lines(path, error=DatasetFormatError)
 
 
 def _json_rows(path: PathLike) -> Iterator[tuple[str, dict]]:
     for lineno, line in _lines(path):
         where = f"{os.fspath(path)}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetFormatError(f"{where}: invalid JSON ({e.msg})") from None
+        row = parse_json_line(line, where, error=DatasetFormatError)
         if not isinstance(row, dict):
             raise DatasetFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
         yield where, row

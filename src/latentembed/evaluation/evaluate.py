@@ -12,7 +12,7 @@ from .data import check_qrels
 from .metrics import check_k_values, count_evaluable_queries, retrieval_metrics
 from .search import exact_search
 
-__all__ = ["Encoder", "evaluate_retrieval", "search_results"]
+__all__ = ["Encoder", "check_retrieval_inputs", "evaluate_retrieval", "search_results"]
 
 
 class Encoder(Protocol):
@@ -30,6 +30,35 @@ def _encode(model: Encoder, texts: list[str], kwargs: Mapping[str, Any], what: s
     if emb.dim() != 2 or emb.shape[0] != len(texts):
         raise ValueError(f"model.encode({what}): expected shape [{len(texts)}, D], got {tuple(emb.shape)}")
     return emb.detach()
+
+
+def check_retrieval_inputs(
+    corpus: Mapping[str, str],
+    queries: Mapping[str, str],
+    qrels: Mapping[str, Mapping[str, int]],
+    k_values: Sequence[int],
+) -> tuple[tuple[int, ...], list[str], int]:
+    """The checks of :func:`evaluate_retrieval` that need no model: ``(sorted k values, ids of
+    the queries to evaluate, number skipped)``. Raises ValueError for bad k values, an empty
+    corpus, qrels naming unknown ids, or no query with a relevant document (grade > 0).
+
+    Example::
+
+        >>> ks, query_ids, skipped = check_retrieval_inputs(corpus, queries, qrels, (1, 10))  # doctest: +SKIP
+    """
+    ks = check_k_values(k_values)
+    if not corpus:
+        raise ValueError("corpus: expected at least one document, got none")
+    check_qrels(qrels, queries, corpus)
+    evaluated, skipped = count_evaluable_queries(qrels)
+    if evaluated == 0:
+        raise ValueError(f"qrels: no query has a relevant document (grade > 0) among its {len(qrels)} queries")
+    return ks, [qid for qid, grades in qrels.items() if any(g > 0 for g in grades.values())], skipped
+
+
+def _check_dims(query_dim: int, doc_dim: int) -> None:
+    if query_dim != doc_dim:
+        raise ValueError(f"model.encode: queries embed to dimension {query_dim}, documents to {doc_dim}")
 
 
 def search_results(
@@ -64,7 +93,10 @@ def evaluate_retrieval(
     """Encode ``corpus`` and ``queries`` with ``model``, rank by dot product, score against qrels.
 
     Only the queries that have a relevant document (grade > 0) in ``qrels`` are encoded and
-    scored; the rest are counted as skipped (see :mod:`latentembed.evaluation.metrics`). Scores are
+    scored; the rest are counted as skipped (see :mod:`latentembed.evaluation.metrics`). The
+    inputs are checked first (:func:`check_retrieval_inputs`), then the shortest document and
+    the shortest query are encoded alone, so encode arguments the model refuses (an unknown
+    task) and a dimension mismatch fail before the corpus is encoded. Scores are
     dot products of the embeddings as ``model.encode`` returns them: cosine similarity when the
     model normalises (``EmbeddingModel.encode`` does by default).
 
@@ -93,25 +125,24 @@ def evaluate_retrieval(
         ...                             query_kwargs={"task": "retrieval.query"})
         >>> scores["ndcg@10"], scores["num_queries"]  # doctest: +SKIP
     """
-    ks = check_k_values(k_values)
-    if not corpus:
-        raise ValueError("corpus: expected at least one document, got none")
-    check_qrels(qrels, queries, corpus)
-    evaluated, skipped = count_evaluable_queries(qrels)
-    if evaluated == 0:
-        raise ValueError(f"qrels: no query has a relevant document (grade > 0) among its {len(qrels)} queries")
-    query_ids = [qid for qid, grades in qrels.items() if any(g > 0 for g in grades.values())]
+    ks, query_ids, skipped = check_retrieval_inputs(corpus, queries, qrels, k_values)
     doc_ids = list(corpus)
+    doc_texts, query_texts = [corpus[d] for d in doc_ids], [queries[q] for q in query_ids]
+    doc_kw = {"batch_size": batch_size, **(doc_kwargs or {})}
+    query_kw = {"batch_size": batch_size, **(query_kwargs or {})}
+    # One (short) text per side first: encode arguments the model refuses (an unknown task, a
+    # max_length shorter than the prompt) and a dimension mismatch then fail in a moment, not
+    # after the whole corpus has been encoded.
+    probe_doc = _encode(model, [min(doc_texts, key=len)], doc_kw, "corpus")
+    probe_query = _encode(model, [min(query_texts, key=len)], query_kw, "queries")
+    _check_dims(probe_query.shape[1], probe_doc.shape[1])
 
     t0 = time.perf_counter()
-    doc_emb = _encode(model, [corpus[d] for d in doc_ids], {"batch_size": batch_size, **(doc_kwargs or {})}, "corpus")
+    doc_emb = _encode(model, doc_texts, doc_kw, "corpus")
     t1 = time.perf_counter()
-    query_emb = _encode(model, [queries[q] for q in query_ids], {"batch_size": batch_size, **(query_kwargs or {})}, "queries")
+    query_emb = _encode(model, query_texts, query_kw, "queries")
     t2 = time.perf_counter()
-    if query_emb.shape[1] != doc_emb.shape[1]:
-        raise ValueError(
-            f"model.encode: queries embed to dimension {query_emb.shape[1]}, documents to {doc_emb.shape[1]}"
-        )
+    _check_dims(query_emb.shape[1], doc_emb.shape[1])
     depth = ks[-1] + (1 if ignore_identical_ids else 0)
     scores, indices = exact_search(query_emb, doc_emb.to(query_emb.device), depth, chunk_size=chunk_size)
     run = search_results(query_ids, doc_ids, scores, indices)
@@ -121,7 +152,7 @@ def evaluate_retrieval(
 
     out: dict[str, Any] = dict(retrieval_metrics(run, qrels, ks))
     out.update(
-        num_queries=evaluated,
+        num_queries=len(query_ids),
         num_queries_skipped=skipped,
         num_docs=len(doc_ids),
         embedding_dim=int(doc_emb.shape[1]),

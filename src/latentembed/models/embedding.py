@@ -11,22 +11,30 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
+import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..modules.adapter_routing import LoRARouting, lora_routing
 from ..modules.attention import packed_backend_available
 from ..modules.lora import apply_multi_lora
-from ..modules.pooling import Pooling
+from ..modules.pooling import Pooling, check_pool_mask, l2_normalize
 from ..ops import _checks
 from ..prompts import get_template, resolve_prompt
-from ..tokenization import PackedBatch, TextTokenizer, TokenizedTexts, pack_sequences, tokenize_with_prompts
+from ..tokenization import (
+    PackedBatch,
+    TextTokenizer,
+    TokenizedTexts,
+    check_tokenizer_fits,
+    pack_sequences,
+    tokenize_with_prompts,
+)
 from .config import DecoderConfig
 from .decoder import DecoderModel
 from .embedding_config import EmbeddingConfig, LoRAConfig
@@ -71,7 +79,7 @@ class EmbeddingModel(nn.Module):
         self.template = get_template(config.prompt_template)
         self.backbone = DecoderModel(decoder_config, causal=config.causal, attn_backend=attn_backend)
         self.pooling = self.make_pooling()
-        self.tokenizer = as_tokenizer(tokenizer)
+        self.tokenizer = tokenizer  # checked against the embedding table by the setter
         self.routing: Optional[LoRARouting] = None
         if config.lora is not None:
             self._apply_lora(config.lora)
@@ -84,6 +92,21 @@ class EmbeddingModel(nn.Module):
         # The model normalises after pooling (one place for every mode); the latent block's own
         # normalisation would do the same arithmetic.
         return Pooling(self.config.pooling, normalize=False, **latent)
+
+    @property
+    def tokenizer(self) -> Optional[TextTokenizer]:
+        """The :class:`TextTokenizer` of :meth:`encode` (``None``: none attached). Setting it
+        accepts what the constructor's ``tokenizer=`` does and refuses a tokenizer with ids the
+        embedding table lacks (it would fail with an IndexError at the first such token)."""
+        return self.__dict__.get("_tokenizer")
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        tokenizer = as_tokenizer(tokenizer)
+        if tokenizer is not None:
+            check_tokenizer_fits(tokenizer, self.backbone.config.vocab_size, source="tokenizer",
+                                 table="the backbone's embedding table (DecoderConfig.vocab_size)")
+        self.__dict__["_tokenizer"] = tokenizer
 
     # -- adapters ---------------------------------------------------------------------------
     def _apply_lora(self, lora: LoRAConfig) -> None:
@@ -155,8 +178,10 @@ class EmbeddingModel(nn.Module):
         Args:
             input_ids: [B, L] padded (with ``attention_mask`` [B, L], 1 = real token) or [T]
                 packed (with int32 ``cu_seqlens`` [B+1]).
-            pool_mask: [B, L] or [T], nonzero = pool this position (e.g. the attention mask
-                with the instruction tokens zeroed); default: every real token.
+            pool_mask: [B, L] or [T], bool or integer, nonzero = pool this position (e.g. the
+                attention mask with the instruction tokens zeroed); default: every real token.
+                Checked by pool()'s rule (:func:`~latentembed.modules.pooling.check_pool_mask`)
+                before the backbone runs.
             max_seqlen: the longest packed sequence (read from cu_seqlens when None).
             tasks: the adapter of each sample (names, ids, ``"base"``; a single name for all),
                 for a model with adapters. ``None``: a one-adapter model uses its adapter,
@@ -166,26 +191,27 @@ class EmbeddingModel(nn.Module):
         Returns:
             [B, D] in the backbone's compute dtype.
         """
+        if cu_seqlens is not None:
+            _checks.check_tensor("cu_seqlens", cu_seqlens)
         if isinstance(tasks, str):
             tasks = [tasks] * (cu_seqlens.shape[0] - 1 if cu_seqlens is not None else input_ids.shape[0])
         if tasks is not None and self.routing is None:
             raise ValueError("tasks were given but the model has no adapters (see add_adapters)")
+        if pool_mask is not None and isinstance(input_ids, torch.Tensor):
+            # pool()'s own check, made before the backbone runs: a zero-stride view stands in for
+            # the hidden states [B, L, D] / [T, D] it will produce, so the message is pool()'s.
+            hidden_like = input_ids[..., None].expand(*input_ids.shape, self.backbone.config.hidden_size)
+            check_pool_mask(pool_mask, hidden_like, packed=cu_seqlens is not None)
         routed = lora_routing(self.backbone, tasks) if tasks is not None else contextlib.nullcontext()
         with routed:
             hidden = self.backbone(input_ids, attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).last_hidden_state
-        if cu_seqlens is None:
-            keep = attention_mask.bool() if attention_mask is not None else None
-            if pool_mask is not None:
-                _checks.check_tensor("pool_mask", pool_mask)
-                if tuple(pool_mask.shape) != tuple(hidden.shape[:-1]):
-                    raise ValueError(f"pool_mask shape {tuple(pool_mask.shape)} must equal input_ids' "
-                                     f"{tuple(hidden.shape[:-1])}")
-                keep = pool_mask.bool() if keep is None else keep & pool_mask.bool()
-        else:
-            keep = pool_mask
+        keep = pool_mask
+        if cu_seqlens is None and attention_mask is not None:
+            keep = attention_mask.bool() if pool_mask is None else attention_mask.bool() & (pool_mask != 0)
         embeddings = self.pooling(hidden, keep, cu_seqlens=cu_seqlens)
         if self.config.normalize if normalize is None else normalize:
-            embeddings = F.normalize(embeddings.float(), dim=-1).to(embeddings.dtype)
+            # zero for a text with nothing to pool, with zero gradient (F.normalize sends g / eps)
+            embeddings = l2_normalize(embeddings)
         return embeddings
 
     # -- texts ------------------------------------------------------------------------------
@@ -265,6 +291,11 @@ class EmbeddingModel(nn.Module):
             show_progress: a progress line on stderr; ``None``: when there are more than
                 ``8 * batch_size`` texts and stderr is a terminal.
             convert_to: ``"torch"`` (float32 on the model's device) or ``"numpy"`` (float32).
+
+        Threads: concurrent calls on one model are correct and run one at a time; each runs
+        the module in eval mode and puts back the mode it found. Plain forwards (``model(...,
+        tasks=...)``) from several threads route their own tasks, but share the module's mode:
+        do not train a model in one thread while another encodes with it.
         """
         if convert_to not in ("torch", "numpy"):
             raise ValueError(f"convert_to must be 'torch' or 'numpy', got {convert_to!r}")
@@ -272,12 +303,24 @@ class EmbeddingModel(nn.Module):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
+        # encode switches the module to eval mode and back: shared state, so concurrent calls
+        # on one model take turns (the LoRA routing is per thread already, see adapter_routing).
+        with _encode_lock(self):
+            out = self._encode(texts, task=task, instruction=instruction, batch_size=batch_size,
+                               max_length=max_length, normalize=normalize, show_progress=show_progress)
+        if single:
+            out = out[0]
+        return out.cpu().numpy() if convert_to == "numpy" else out
+
+    def _encode(self, texts: list, *, task, instruction, batch_size: int, max_length: Optional[int],
+                normalize: Optional[bool], show_progress: Optional[bool]) -> torch.Tensor:
+        """encode's work for a list of texts -> [N, D] float32 on the model's device."""
         tokenized = self.tokenize_texts(texts, task=task, instruction=instruction, max_length=max_length)
         adapter = self.resolve(task)[1]
         if any(tokenized.truncated):
             n = sum(tokenized.truncated)
             warnings.warn(f"{n} of {len(texts)} texts were longer than max_length="
-                          f"{self.config.max_length if max_length is None else max_length} tokens and were truncated", stacklevel=3)
+                          f"{self.config.max_length if max_length is None else max_length} tokens and were truncated", stacklevel=4)
         param = next(self.backbone.parameters())
         order = sorted(range(len(texts)), key=lambda i: -len(tokenized.input_ids[i]))
         out = torch.empty(len(texts), self.backbone.config.hidden_size, dtype=torch.float32, device=param.device)
@@ -297,9 +340,7 @@ class EmbeddingModel(nn.Module):
         finally:
             self.train(was_training)
             progress.close()
-        if single:
-            out = out[0]
-        return out.cpu().numpy() if convert_to == "numpy" else out
+        return out
 
     # -- checkpoints --------------------------------------------------------------------------
     @classmethod
@@ -320,6 +361,20 @@ class EmbeddingModel(nn.Module):
         from .embedding_io import save_adapters
 
         return save_adapters(self, path)
+
+
+# One lock per model for encode, kept outside the module: a lock attribute would stop the model
+# from being deepcopied or pickled. Weak keys: a model's lock goes with the model.
+_ENCODE_LOCKS: "weakref.WeakKeyDictionary[EmbeddingModel, threading.RLock]" = weakref.WeakKeyDictionary()
+_ENCODE_LOCKS_GUARD = threading.Lock()
+
+
+def _encode_lock(model: EmbeddingModel) -> threading.RLock:
+    with _ENCODE_LOCKS_GUARD:
+        lock = _ENCODE_LOCKS.get(model)
+        if lock is None:
+            lock = _ENCODE_LOCKS[model] = threading.RLock()
+        return lock
 
 
 def as_tokenizer(tokenizer) -> Optional[TextTokenizer]:

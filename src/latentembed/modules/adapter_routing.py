@@ -23,14 +23,19 @@ Routing semantics:
   routings may share one backward (query and passage batches of a contrastive step). Other
   checkpointing code gets a fallback: a layer called inside a backward pass with no routing set
   reuses the latest routing, which is right only when one routing served the whole graph.
-- The routing is Python state (eager mode, one forward at a time per model; not for
-  torch.compile graphs or concurrent threads sharing a model).
+- The routing set by :func:`lora_routing` / :func:`sequence_layout` is per thread, so threads
+  sharing a model may run routed forwards with different tasks at once (the rest of the
+  module's state, e.g. train / eval mode, stays shared). The checkpoint fallback's "latest
+  routing" is one per model: it is what makes an unaware recompute on autograd's own threads
+  work, and it assumes one routed graph at a time. The routing is eager-mode Python state,
+  not meant to be traced into torch.compile graphs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -93,6 +98,21 @@ def _grouping_to(grouping, device: torch.device):
     return grouping._replace(**moved)
 
 
+class _ThreadRouting(threading.local):
+    """The routing of the forward running on the current thread (each thread sees its own)."""
+
+    def __init__(self) -> None:
+        self.index: Optional[torch.Tensor] = None  # [B] per-sample adapter ids, int64
+        self.packed: Optional[torch.Tensor] = None  # [N] per-token ids (per_token, cu_seqlens, mask, layout)
+        self.present: frozenset = frozenset()  # adapter ids used by the current routing
+        self.groupings: dict = {}  # (rows, device) -> (index [N], LoRAGrouping or None, per-sample?)
+        self.pinned = False  # a checkpoint recompute restored its forward's state: no fallback
+
+
+def _thread_attr(name: str) -> property:
+    return property(lambda self: getattr(self._thread, name), lambda self, v: setattr(self._thread, name, v))
+
+
 class LoRARouting:
     """The adapter routing shared by all multi-LoRA layers of a model (one per model).
 
@@ -114,13 +134,28 @@ class LoRARouting:
             raise ValueError(f"adapter_names must be unique non-empty strings, got {list(adapter_names)}")
         self.adapter_names = names
         self.default_adapter = default_adapter
-        self._index: Optional[torch.Tensor] = None  # [B] per-sample adapter ids, int64
-        self._packed: Optional[torch.Tensor] = None  # [N] per-token ids (per_token, cu_seqlens, mask, layout)
-        self._present: frozenset = frozenset()  # adapter ids used by the current routing
-        self._groupings: dict = {}  # (rows, device) -> (index [N], LoRAGrouping or None, per-sample?)
-        self._default_groupings: dict = {}  # the same for default_adapter, kept across forwards
-        self._last: Optional[tuple] = None  # the latest routing, for the checkpoint fallback
-        self._pinned = False  # a checkpoint recompute restored its forward's state: no fallback
+        # Set per forward, so per thread: two threads routing one model cannot see each
+        # other's tasks. The other attributes are shared.
+        self._thread = _ThreadRouting()
+        self._default_groupings: dict = {}  # (rows, device) -> grouping of default_adapter, kept across forwards
+        self._last: Optional[tuple] = None  # the latest routing of any thread, for the checkpoint fallback
+
+    _index = _thread_attr("index")
+    _packed = _thread_attr("packed")
+    _present = _thread_attr("present")
+    _groupings = _thread_attr("groupings")
+    _pinned = _thread_attr("pinned")
+
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy, pickle) starts unrouted: a routing belongs to a forward in flight,
+        # and the thread-local holder cannot be pickled anyway.
+        state = dict(self.__dict__)
+        state["_thread"], state["_last"] = None, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._thread = _ThreadRouting()
 
     @property
     def num_adapters(self) -> int:

@@ -14,7 +14,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .._cli_types import nonnegative_int, positive_float, positive_int
+from .._cli_types import cli_flag, nonnegative_int, positive_float, positive_int
+from ..models.embedding_io import ArgumentError
 from .trainer import DEFAULT_LORA_TARGETS, TrainConfig, train
 
 __all__ = ["main", "build_parser", "config_from_args"]
@@ -119,7 +120,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(threads)
     try:
         train(config_from_args(args))
-    except (FileNotFoundError, ValueError) as e:
+    except ArgumentError as e:  # a from_pretrained argument: name the flag that set it
+        print(f"latentembed train: error: {e.message_for(cli_flag(e.argument))}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:  # OSError: FileNotFoundError, an --output that may not be replaced
         print(f"latentembed train: error: {e}", file=sys.stderr)
         return 2
     return 0

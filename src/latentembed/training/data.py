@@ -14,7 +14,7 @@ The JSONL format, one example per line (blank lines are skipped)::
 * Any other field is an error, so a typo such as ``"negative"`` is not silently dropped.
 
 Every error is a ``ValueError`` that starts with ``file:line`` and names the field, what was
-expected and what came.
+expected and what came (bytes that are not UTF-8: the byte and its column).
 
 Example::
 
@@ -30,7 +30,9 @@ import pathlib
 import random
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
+
+from .._text_files import parse_json_line, text_lines
 
 __all__ = [
     "ALLOWED_FIELDS",
@@ -43,6 +45,7 @@ __all__ = [
     "retrieval_eval_set",
     "write_beir_files",
     "batch_examples",
+    "repeated_rows_report",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -62,6 +65,7 @@ class TrainingExample:
     """One contrastive example: a query, its positive and optional hard negatives.
 
     ``task`` / ``instruction`` select the query-side prompt (None: the trainer's default).
+    ``where``: ``file:line`` of the row when read from a file (for messages; not compared).
     """
 
     query: str
@@ -69,6 +73,7 @@ class TrainingExample:
     negatives: list[str] = field(default_factory=list)
     task: str | None = None
     instruction: str | None = None
+    where: Optional[str] = field(default=None, compare=False, repr=False)
 
 
 def _parse_row(row: object, where: str) -> TrainingExample:
@@ -114,27 +119,20 @@ def _parse_row(row: object, where: str) -> TrainingExample:
         negatives=list(negatives),
         task=optional["task"],
         instruction=optional["instruction"],
+        where=where,
     )
 
 
 def read_examples(path: PathLike) -> list[TrainingExample]:
     """Read a JSONL file of training examples (format in the module docstring).
 
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming ``file:line`` and
-    the field for a malformed row.
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming ``file:line`` for
+    bytes that are not UTF-8, invalid JSON and a malformed row (with the field).
     """
-    path = pathlib.Path(path)
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            examples.append(_parse_row(row, where))
+    for lineno, line in text_lines(path):
+        where = f"{os.fspath(path)}:{lineno}"
+        examples.append(_parse_row(parse_json_line(line, where), where))
     return examples
 
 
@@ -285,3 +283,49 @@ def batch_examples(
             mine = chunk[rank * batch_size : (rank + 1) * batch_size]
         batches.append([examples[i] for i in mine])
     return batches
+
+
+def repeated_rows_report(examples: Sequence[TrainingExample]) -> Optional[str]:
+    """What repeats among ``examples`` (None: nothing), as one message with counts and an
+    example ``file:line`` pair per kind.
+
+    Two kinds, a row counted once (the first that it repeats): a row repeating an earlier
+    row's query (same task and instruction) and positive, and one repeating an earlier query
+    with another positive. The trainer masks a document equal to a query's positive (same text,
+    same id), so the first kind brings no false negative; it weighs the row more and, split
+    between training and held-out rows, inflates the held-out metrics. The second kind is a
+    false negative whenever both rows share a batch with in-batch negatives (stage 1).
+    """
+    first_pair: dict = {}
+    first_query: dict = {}
+    same: list = []
+    other: list = []
+    for i, ex in enumerate(examples):
+        where = ex.where or f"row {i + 1}"
+        query = (ex.query, ex.task, ex.instruction)
+        pair = (*query, ex.positive)
+        if pair in first_pair:
+            same.append((where, first_pair[pair]))
+        elif query in first_query:
+            other.append((where, first_query[query]))
+        first_pair.setdefault(pair, where)
+        first_query.setdefault(query, where)
+    parts = []
+    if same:
+        parts.append(
+            f"{_rows_repeat(len(same))} an earlier row's query and positive (e.g. {same[0][0]} repeats "
+            f"{same[0][1]}): the loss masks documents equal to a query's positive, so they are no false negatives, "
+            "but each repeat "
+            "weighs its row more, and repeats split between training and held-out rows inflate the held-out metrics"
+        )
+    if other:
+        parts.append(
+            f"{_rows_repeat(len(other))} an earlier row's query with another positive (e.g. {other[0][0]} and "
+            f"{other[0][1]}): in a stage-1 batch holding both, each positive is a false negative for the other row; "
+            "keep one positive per query"
+        )
+    return "; ".join(parts) if parts else None
+
+
+def _rows_repeat(n: int) -> str:
+    return "1 row repeats" if n == 1 else f"{n} rows repeat"

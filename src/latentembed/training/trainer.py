@@ -25,6 +25,7 @@ import json
 import os
 import resource
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +34,15 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..atomic_io import atomic_directory, check_replaceable
 from ..models.embedding import EmbeddingModel
 from ..models.embedding_config import DEFAULT_LORA_TARGETS
+from ..models.embedding_io import ArgumentError
 from ..modules.contrastive import InfoNCELoss
 from ..prompts import get_template, resolve_prompt
 from ..tokenization import TextTokenizer, pack_sequences, tokenize_with_prompts
-from .data import (TrainingExample, batch_examples, bundled_examples, read_examples, retrieval_eval_set,
-                   split_examples)
+from .data import (TrainingExample, batch_examples, bundled_examples, read_examples, repeated_rows_report,
+                   retrieval_eval_set, split_examples)
 from .tiny import tiny_model, train_tokenizer, vocabulary_texts
 
 __all__ = ["TrainConfig", "train"]
@@ -124,7 +127,11 @@ def _load(path: Optional[str], bundled: str) -> tuple[list[TrainingExample], str
     if not Path(path).is_file():
         raise FileNotFoundError(f"data file {path!r} not found (expected JSONL rows with query, positive, "
                                 "negatives and an optional task / instruction)")
-    return read_examples(path), str(path)
+    examples = read_examples(path)
+    if not examples:
+        raise ValueError(f"{path}: no rows (the file is empty or holds only blank lines); expected JSONL rows "
+                         "with query, positive, negatives and an optional task / instruction")
+    return examples, str(path)
 
 
 def _row_task(ex: TrainingExample, default_task: Optional[str]) -> Optional[str]:
@@ -141,7 +148,17 @@ def _check_prompts(examples: Sequence[TrainingExample], source: str, resolve, de
         try:
             resolve(task, ex.instruction)
         except ValueError as e:
-            raise ValueError(f"{source}: example {i + 1}: {e}") from None
+            raise ValueError(f"{ex.where or source}: example {i + 1}: {e}") from None
+
+
+def _check_own_negatives(rows: Sequence[TrainingExample]) -> None:
+    """Stage 2 scores each query against its own hard negatives only: every row needs one
+    (a negative equal to the row's positive does not count)."""
+    for i, ex in enumerate(rows):
+        if not any(n != ex.positive for n in ex.negatives):
+            raise ValueError(f"{ex.where or f'stage-2 row {i + 1}'}: no hard negative (besides its positive), "
+                             "and stage 2 (the stage-1 training rows plus --stage2-data) scores each query against "
+                             "its own hard negatives only; add negatives to the row, or pass --stage2-data none")
 
 
 def _text_id(text: str) -> int:
@@ -161,7 +178,8 @@ def _negatives(batch: Sequence[TrainingExample], k: int, borrow: bool = True) ->
             others = dict.fromkeys(batch[(i + j) % len(batch)].positive for j in range(1, len(batch)))
             negs += [t for t in others if t != ex.positive and t not in negs][:k - len(negs)]
         if not negs:
-            raise ValueError(f"a row has no hard negative{'' if not borrow else ' and its batch no other positive'} "
+            raise ValueError(f"{ex.where or 'a row'}: no hard negative"
+                             f"{'' if not borrow else ' and its batch no other positive'} "
                              f"to use (stage {'1' if borrow else '2'}): {ex.query!r:.60}")
         base = list(negs)
         negs += [base[j % len(base)] for j in range(k - len(negs))]
@@ -242,7 +260,12 @@ class _Dist:
 
 def _resolve_device(cfg: TrainConfig) -> torch.device:
     if cfg.device:
-        device = torch.device(cfg.device)
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError as e:
+            raise ValueError(f"device {cfg.device!r}: expected cpu, cuda or cuda:N ({e})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {cfg.device!r}: CUDA is not available on this machine")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -301,11 +324,29 @@ def _evaluate(model: EmbeddingModel, held_out, cfg: TrainConfig, autocast) -> di
                                                      "num_queries", "num_docs")}
 
 
-def _stage_length(n_batches: int, epochs: int, steps: Optional[int], stage: str) -> int:
-    if n_batches == 0:
-        raise ValueError(f"stage {stage}: fewer training rows than one global batch (batch_size x world size); "
-                         "lower --batch-size")
-    return steps if steps is not None else epochs * n_batches
+def _plan_stages(cfg: TrainConfig, train1, stage2_rows, tiny: bool, lr: float, dist: _Dist) -> list[tuple]:
+    """(stage, rows, in-batch negatives?, optimizer steps, peak lr) of each stage; made, and so
+    checked, before any model exists."""
+    epochs = cfg.epochs if cfg.epochs is not None else DEMO_EPOCHS[0] if tiny else 1
+    epochs2 = cfg.stage2_epochs if cfg.stage2_epochs is not None else DEMO_EPOCHS[1] if tiny else epochs
+    lr2 = cfg.stage2_lr if cfg.stage2_lr is not None else lr * STAGE2_LR_FACTOR
+    stages = [("1", train1, True, epochs, cfg.steps, lr)]
+    s2_steps = cfg.stage2_steps if cfg.stage2_steps is not None else cfg.steps
+    if stage2_rows and s2_steps != 0:
+        if cfg.hard_negatives == 0:
+            raise ValueError("stage 2 scores each query against its own hard negatives only: with "
+                             "hard_negatives=0 its loss is 0; pass --hard-negatives >= 1 or --stage2-data none")
+        _check_own_negatives(stage2_rows)
+        stages.append(("2", stage2_rows, False, epochs2, s2_steps, lr2))
+    plan = []
+    for stage, rows, in_batch, n_epochs, steps, stage_lr in stages:
+        per_epoch = len(batch_examples(rows, cfg.batch_size, seed=cfg.seed, epoch=0, rank=dist.rank,
+                                       world_size=dist.world))
+        if per_epoch == 0:
+            raise ValueError(f"stage {stage}: {len(rows)} training rows, fewer than one global batch of "
+                             f"--batch-size {cfg.batch_size} x {dist.world} rank(s); lower --batch-size")
+        plan.append((stage, rows, in_batch, steps if steps is not None else n_epochs * per_epoch, stage_lr))
+    return plan
 
 
 def train(config: TrainConfig, model: Optional[EmbeddingModel] = None) -> dict:
@@ -330,6 +371,16 @@ def _train(cfg: TrainConfig, model: Optional[EmbeddingModel], device, dist: _Dis
         raise ValueError("batch_size 1 without hard negatives gives a query no negative at all")
     if not isinstance(cfg.warmup, int) and cfg.warmup >= 1 and cfg.warmup != int(cfg.warmup):
         raise ValueError(f"warmup: a fraction of the steps (< 1) or a whole number of steps, got {cfg.warmup}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.template is not None:
+        get_template(cfg.template)  # an unknown name fails here, not after loading the model
+    tiny = model is None and cfg.model is None
+    if cfg.pooling is not None and (cfg.model is None or model is not None):
+        raise ArgumentError("pooling", cfg.pooling, "{arg} is the pooling of a checkpoint loaded with --model; "
+                            "the tiny random model (no --model) and an in-memory model have their own")
+    if cfg.output:  # before training, not after it: the save would have to delete a user's files
+        check_replaceable(cfg.output, TRAIN_OUTPUT_ENTRIES)
     stage1, source1 = _load(cfg.data, "retrieval")
     stage2_path = cfg.stage2_data
     if stage2_path is None and cfg.data is None:
@@ -338,10 +389,18 @@ def _train(cfg: TrainConfig, model: Optional[EmbeddingModel], device, dist: _Dis
         stage2, source2 = [], None
     else:
         stage2, source2 = _load(stage2_path, "blended")
+    if dist.rank == 0:
+        repeats = repeated_rows_report(stage1 + stage2)
+        if repeats:
+            warnings.warn(f"training data: {repeats}", stacklevel=3)  # the caller of train()
+    train1, held_out = split_examples(stage1, cfg.eval_fraction if cfg.eval else 0.0, seed=cfg.seed)
+    stage2_rows = train1 + stage2 if stage2 else []
+    lr = cfg.lr if cfg.lr is not None else (DEMO_LR if tiny else 1e-4)
+    stages = _plan_stages(cfg, train1, stage2_rows, tiny, lr, dist)
     torch.manual_seed(cfg.seed)
 
-    # The model (loaded first: its prompt template checks the rows' tasks) and tokenizer.
-    tiny = model is None and cfg.model is None
+    # The model (after every check the data allows alone; its prompt template then checks the
+    # rows' tasks) and tokenizer.
     if model is not None:
         if model.tokenizer is None:
             raise ValueError("the model to train has no tokenizer")
@@ -370,8 +429,6 @@ def _train(cfg: TrainConfig, model: Optional[EmbeddingModel], device, dist: _Dis
             raise ValueError(f"doc_task: {e}") from None
     _check_prompts(stage1, source1, resolve, cfg.default_task)
     _check_prompts(stage2, source2, resolve, cfg.default_task)
-    train1, held_out = split_examples(stage1, cfg.eval_fraction if cfg.eval else 0.0, seed=cfg.seed)
-    stage2_rows = train1 + stage2 if stage2 else []
     if model is None:
         texts = vocabulary_texts(train1 + stage2, template)
         tok_json = dist.broadcast(train_tokenizer(texts).tokenizer.to_str() if dist.rank == 0 else None)
@@ -400,8 +457,6 @@ def _train(cfg: TrainConfig, model: Optional[EmbeddingModel], device, dist: _Dis
         raise ValueError("no trainable parameter (LoRA targets matched no module?)")
     n_train, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
     module: nn.Module = model
     if dist.on:
@@ -410,7 +465,6 @@ def _train(cfg: TrainConfig, model: Optional[EmbeddingModel], device, dist: _Dis
         module = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=not full and len(model.adapter_names) > 1)
-    lr = cfg.lr if cfg.lr is not None else (DEMO_LR if tiny else 1e-4)
     say(f"latentembed train: {source1} ({len(train1)} train / {len(held_out)} held-out rows)"
         + (f", stage 2 {source2} (+{len(stage2)} rows)" if stage2_rows else "")
         + f"; model {'tiny random' if tiny else cfg.model or 'in memory'} "
@@ -426,22 +480,9 @@ def _train(cfg: TrainConfig, model: Optional[EmbeddingModel], device, dist: _Dis
         result["eval_before"] = _evaluate(model, held_out, cfg, autocast())
         say("eval before: " + _fmt_eval(result["eval_before"]))
 
-    epochs = cfg.epochs if cfg.epochs is not None else DEMO_EPOCHS[0] if tiny else 1
-    epochs2 = cfg.stage2_epochs if cfg.stage2_epochs is not None else DEMO_EPOCHS[1] if tiny else epochs
-    lr2 = cfg.stage2_lr if cfg.stage2_lr is not None else lr * STAGE2_LR_FACTOR
-    stages = [("1", train1, True, epochs, cfg.steps, lr)]
-    s2_steps = cfg.stage2_steps if cfg.stage2_steps is not None else cfg.steps
-    if stage2_rows and s2_steps != 0:
-        if cfg.hard_negatives == 0:
-            raise ValueError("stage 2 scores each query against its own hard negatives only: with "
-                             "hard_negatives=0 its loss is 0; pass --hard-negatives >= 1 or --stage2-data none")
-        stages.append(("2", stage2_rows, False, epochs2, s2_steps, lr2))
     step_global = 0
-    for stage, rows, in_batch, epochs, steps, stage_lr in stages:
+    for stage, rows, in_batch, total, stage_lr in stages:
         loss_fn = InfoNCELoss(cfg.temperature, in_batch_negatives=in_batch)
-        per_epoch = len(batch_examples(rows, cfg.batch_size, seed=cfg.seed, epoch=0, rank=dist.rank,
-                                       world_size=dist.world))
-        total = _stage_length(per_epoch, epochs, steps, stage)
         optimizer = torch.optim.AdamW(params, lr=stage_lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, cfg.warmup))
         k = cfg.hard_negatives
@@ -506,12 +547,17 @@ def _fmt_eval(m: dict) -> str:
             f"({m['num_queries']} queries, {m['num_docs']} docs)")
 
 
+#: What ``--output DIR`` holds; a DIR with anything else is refused (its files are not deleted).
+TRAIN_OUTPUT_ENTRIES = ("model", "adapters", "train_config.json", "metrics.json")
+
+
 def _save(model: EmbeddingModel, cfg: TrainConfig, result: dict, full: bool) -> None:
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out / "model")
-    if not full and model.adapter_names:
-        model.save_adapters(out / "adapters")
-    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    """The run's output directory, replaced whole and all-or-nothing: a killed save leaves the
+    previous run's or this run's files, never a mix, and nothing of the previous run survives."""
     metrics = {k: v for k, v in result.items() if k != "model"}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with atomic_directory(cfg.output, owned=TRAIN_OUTPUT_ENTRIES) as tmp:
+        model.save_pretrained(tmp / "model")
+        if not full and model.adapter_names:
+            model.save_adapters(tmp / "adapters")
+        (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
