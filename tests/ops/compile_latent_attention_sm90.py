@@ -17,7 +17,7 @@ import triton  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from latentembed.ops.latent_attention import triton as lat  # noqa: E402
-from compile_triton_sm90 import H100, aligned  # noqa: E402  (a sibling when run as a script)
+from compile_masked_mean_sm90 import H100, aligned  # noqa: E402  (a sibling when run as a script)
 # Pointers in the data dtype; the rest are fp32 (LayerNorm statistics, parameters, partial sums)
 # or int32 (cu_seqlens).
 FP32_PTRS = {"w_ptr", "b_ptr", "mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr"}

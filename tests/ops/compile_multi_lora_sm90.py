@@ -16,7 +16,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from latentembed.ops.multi_lora import triton as ml  # noqa: E402
 from latentembed.ops.multi_lora.grouping import BLOCK_M  # noqa: E402
-from compile_triton_sm90 import H100, aligned  # noqa: E402  (a sibling when run as a script)
+from compile_masked_mean_sm90 import H100, aligned  # noqa: E402  (a sibling when run as a script)
 
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 

@@ -12,7 +12,7 @@ import torch
 
 from latentembed.ops import group_by_adapter, multi_lora_linear_add
 from tests.ops._common import DEVICE
-from tests.ops.contrastive_helpers import check_against_reference, make_options, quantized
+from tests.ops.infonce_helpers import check_against_reference, make_options, quantized
 from tests.tolerances import assert_within_budget
 
 

@@ -1,6 +1,6 @@
 """Compile every Triton kernel of latentembed for the H100 (sm_90) down to a cubin, without a GPU.
 
-Run as a script (`python tests/ops/compile_triton_sm90.py [fwd|bwd ...]`) in a process where
+Run as a script (`python tests/ops/compile_masked_mean_sm90.py [fwd|bwd ...]`) in a process where
 TRITON_INTERPRET is unset: in interpreter mode @triton.jit returns functions that cannot be
 compiled. Prints one line per compiled variant; exits non-zero on the first failure.
 """

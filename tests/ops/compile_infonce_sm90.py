@@ -1,6 +1,6 @@
 """Compile the infonce_lse Triton kernels for the H100 (sm_90) down to a cubin, without a GPU.
 
-Run as a script (`python tests/ops/compile_contrastive_sm90.py [all]`) where TRITON_INTERPRET is
+Run as a script (`python tests/ops/compile_infonce_sm90.py [all]`) where TRITON_INTERPRET is
 unset. Without `all` it compiles one variant per kernel and mode (what CPU CI runs, ~5
 compiles); `all` adds every autotune config and option set. Prints one line per compiled
 variant; exits non-zero on the first failure.

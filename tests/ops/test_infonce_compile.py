@@ -10,5 +10,5 @@ from tests.ops._common import cpu_only_compile, run_compile_script  # noqa: E402
 
 @cpu_only_compile
 def test_contrastive_kernels_compile_for_sm90():
-    compiled, stdout = run_compile_script("compile_contrastive_sm90.py")
+    compiled, stdout = run_compile_script("compile_infonce_sm90.py")
     assert len(compiled) == 5, stdout

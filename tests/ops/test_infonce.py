@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from latentembed.ops.contrastive import InfoNCELSEFunction, infonce_lse, infonce_lse_ref
-from tests.ops.contrastive_helpers import (
+from tests.ops.infonce_helpers import (
     DEVICE, HAS_GPU, VALUE_BASED, VALUE_FREE, check_against_reference, make_options, quantized,
 )
 from tests.ops._common import BF16_ON_GPU, KERNEL_BACKENDS, dtype_params

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from latentembed.ops import BackendUnavailableError
 from latentembed.ops.contrastive import infonce_lse, infonce_lse_ref
-from tests.ops.contrastive_helpers import DEVICE, HAS_GPU, make_options, quantized
+from tests.ops.infonce_helpers import DEVICE, HAS_GPU, make_options, quantized
 
 
 @pytest.mark.parametrize("option", ["none", "pos-owner-key-diag", "all", "key-poskey-diag"])
