@@ -54,7 +54,8 @@ def _cuda_extension_kwargs() -> dict:
 
     # torch reads the variable when it compiles; it picks every known architecture otherwise.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-    # Each op folder holds its kernels (.cu, no torch headers) and its bindings (.cpp).
+    # Each op folder holds its kernels (.cu, no torch headers) and its torch-side .cpp files:
+    # bindings.cpp, plus host code where the op has some (latent_cross_attention_host.cpp).
     sources = sorted(
         os.path.relpath(path, ROOT)
         for ext in ("cpp", "cu")

@@ -3,7 +3,7 @@
 # GPU machine (which has no network and lacks these packages): downloads the wheels into .whl/
 # (git-ignored); name `.whl` in the device tool's `carry` and gpu_check.sh installs them.
 # inf-cl and cut-cross-entropy are the contrastive-loss benchmark's baselines (pinned to the
-# versions ../shared/notes/baselines.md measured).
+# versions docs/gpu.md's baselines were measured with).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

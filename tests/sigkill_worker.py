@@ -29,13 +29,14 @@ from pathlib import Path
 import torch
 
 from latentembed.models.checkpoint import load_decoder, save_decoder
-from latentembed.models.config import DecoderConfig
+from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.decoder import DecoderModel
 from latentembed.models.embedding import EmbeddingModel
 from latentembed.models.embedding_config import EmbeddingConfig
 from latentembed.tokenization import TextTokenizer
 from latentembed.training.tiny import tiny_model, train_tokenizer
-from latentembed.training.trainer import TrainConfig, _save
+from latentembed.training.config import TrainConfig
+from latentembed.training.output import save_output
 
 SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
@@ -119,7 +120,7 @@ def _save_decoder(version, path: Path) -> None:
 
 def _save_train(version, path: Path) -> None:
     model, cfg, result, full = version
-    _save(model, dataclasses.replace(cfg, output=str(path)), result, full)
+    save_output(model, dataclasses.replace(cfg, output=str(path)), result, full)
 
 
 def _state_model(path: Path) -> dict:

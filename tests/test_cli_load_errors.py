@@ -6,7 +6,7 @@ import json
 import pytest
 
 from latentembed.evaluation.cli import main as eval_main
-from latentembed.models.config import DecoderConfig
+from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.checkpoint import save_decoder
 from latentembed.models.decoder import DecoderModel
 from latentembed.models.embedding import EmbeddingModel

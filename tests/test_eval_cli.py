@@ -24,7 +24,7 @@ QRELS = [("q1", "paris", 1), ("q2", "bread", 2), ("q2", "fox", 0), ("q3", "token
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from latentembed.models.config import DecoderConfig
+    from latentembed.models.decoder_config import DecoderConfig
     from latentembed.models.embedding import EmbeddingModel
     from latentembed.models.embedding_config import EmbeddingConfig
     from latentembed.tokenization import TextTokenizer

@@ -8,8 +8,9 @@ import torch
 
 from latentembed.models.embedding import EmbeddingModel
 from latentembed.training.cli import main as cli_main
+from latentembed.training.config import TrainConfig
+from latentembed.training.output import save_output
 from latentembed.training.tiny import tiny_model, train_tokenizer
-from latentembed.training.trainer import TrainConfig, _save
 
 
 def _model(adapters: bool) -> EmbeddingModel:
@@ -29,10 +30,10 @@ def _result() -> dict:
 
 def test_a_full_run_over_a_lora_run_leaves_no_adapters_of_the_old_run(tmp_path):
     out = tmp_path / "run"
-    _save(_model(adapters=True), TrainConfig(output=str(out), seed=1), _result(), full=False)
+    save_output(_model(adapters=True), TrainConfig(output=str(out), seed=1), _result(), full=False)
     assert (out / "adapters" / "query").is_dir()
     new, result = _model(adapters=False), _result()
-    _save(new, TrainConfig(output=str(out), seed=2), result, full=True)
+    save_output(new, TrainConfig(output=str(out), seed=2), result, full=True)
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model", "train_config.json"]
     assert json.loads((out / "train_config.json").read_text())["seed"] == 2
     assert json.loads((out / "metrics.json").read_text()) == result

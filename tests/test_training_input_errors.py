@@ -7,7 +7,7 @@ import string
 
 import pytest
 
-from latentembed.training import trainer
+from latentembed.training import model_setup, plan
 from latentembed.training.cli import main as cli_main
 from latentembed.training.data import read_examples
 from latentembed.training.trainer import TrainConfig, train
@@ -22,8 +22,8 @@ def no_model(monkeypatch):
     """Make any model construction raise ModelBuilt, so a test sees what is checked before it."""
     def refuse(*args, **kwargs):
         raise ModelBuilt
-    monkeypatch.setattr(trainer, "tiny_model", refuse)
-    monkeypatch.setattr(trainer.EmbeddingModel, "from_pretrained", classmethod(lambda cls, *a, **k: refuse()))
+    monkeypatch.setattr(model_setup, "tiny_model", refuse)
+    monkeypatch.setattr(model_setup.EmbeddingModel, "from_pretrained", classmethod(lambda cls, *a, **k: refuse()))
 
 
 def _word(rng: random.Random) -> str:
@@ -132,7 +132,7 @@ def test_distinct_rows_give_no_repeat_warning(tmp_path, no_model, recwarn):
     (["--template", "nope"], "unknown prompt template 'nope'"),
 ])
 def test_bad_device_and_template_fail_before_the_data_and_the_model(argv, message, capsys, no_model, monkeypatch):
-    monkeypatch.setattr(trainer, "read_examples", lambda *a: pytest.fail("the data was read before the check"))
-    monkeypatch.setattr(trainer, "bundled_examples", lambda *a: pytest.fail("the data was read before the check"))
+    monkeypatch.setattr(plan, "read_examples", lambda *a: pytest.fail("the data was read before the check"))
+    monkeypatch.setattr(plan, "bundled_examples", lambda *a: pytest.fail("the data was read before the check"))
     code, err = _run(argv, capsys)
     assert code == 2 and message in err

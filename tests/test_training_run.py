@@ -23,8 +23,9 @@ from latentembed.evaluation import evaluate_retrieval
 from latentembed.models.embedding import EmbeddingModel
 from latentembed.training.cli import main as cli_main
 from latentembed.training.data import TrainingExample, bundled_examples, retrieval_eval_set
+from latentembed.training.steps import hard_negatives
 from latentembed.training.tiny import tiny_model, train_tokenizer, vocabulary_texts
-from latentembed.training.trainer import TrainConfig, _negatives, train
+from latentembed.training.trainer import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -127,16 +128,16 @@ def test_lora_on_a_plain_decoder_trains_only_the_adapters(tmp_path, one_thread):
 def test_negatives_are_filled_from_other_rows_positives():
     batch = [TrainingExample("q0", "p0", ["n0"]), TrainingExample("q1", "p1", []),
              TrainingExample("q2", "p0", ["n2a", "n2b", "n2c"])]
-    negs = _negatives(batch, 2)
+    negs = hard_negatives(batch, 2)
     assert negs[0] == ["n0", "p1"]  # own negative, then the next row's positive
     assert negs[1] == ["p0", "p0"]  # no own negative: the distinct other positive, repeated to k
     assert negs[2] == ["n2a", "n2b"]  # own negatives first, cut to k
     assert all("p0" not in n for n in (negs[0], negs[2]))  # never the row's own positive text
-    assert _negatives([TrainingExample("q", "p", ["a", "b"])], 5) == [["a", "b", "a", "b", "a"]]
+    assert hard_negatives([TrainingExample("q", "p", ["a", "b"])], 5) == [["a", "b", "a", "b", "a"]]
     # stage 2 never borrows (another row's positive may share the label) and needs own negatives
-    assert _negatives(batch[::2], 3, borrow=False) == [["n0", "n0", "n0"], ["n2a", "n2b", "n2c"]]
+    assert hard_negatives(batch[::2], 3, borrow=False) == [["n0", "n0", "n0"], ["n2a", "n2b", "n2c"]]
     with pytest.raises(ValueError, match="no hard negative"):
-        _negatives(batch, 1, borrow=False)
+        hard_negatives(batch, 1, borrow=False)
 
 
 # -- two processes ---------------------------------------------------------------------------------

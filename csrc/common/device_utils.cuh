@@ -1,4 +1,5 @@
-// Device and launch helpers shared by the ops' kernels (no torch headers).
+// Device helpers shared by the ops' kernels (no torch headers); the host-side launch helpers
+// are in launch_utils.cuh.
 //
 // Kernels are built with torch's flags (__CUDA_NO_HALF_CONVERSIONS__ and friends): Convert<T>
 // uses only the explicit conversion intrinsics.
@@ -75,50 +76,59 @@ __device__ __forceinline__ void store_vec(T* p, const float (&x)[VEC]) {
   }
 }
 
+// Rows [begin, end) of a sequence, or the part of them one block takes.
+struct RowRange {
+  int64_t begin;
+  int64_t end;
+  __device__ __forceinline__ bool empty() const { return begin >= end; }
+};
+
 // Rows of packed sequence b, clamped to [0, total]: offsets that were never validated (the
 // Python side may skip that host sync) can give wrong results but never out-of-bounds accesses.
-__device__ __forceinline__ void sequence_rows(const int32_t* cu_seqlens, int64_t b, int64_t total,
-                                              int64_t* start, int64_t* end) {
+__device__ __forceinline__ RowRange sequence_rows(const int32_t* cu_seqlens, int64_t b,
+                                                  int64_t total) {
   const int64_t lo = cu_seqlens[b];
   const int64_t hi = cu_seqlens[b + 1];
-  *start = lo < 0 ? 0 : (lo > total ? total : lo);
-  *end = hi < *start ? *start : (hi > total ? total : hi);
+  const int64_t begin = lo < 0 ? 0 : (lo > total ? total : lo);
+  return {begin, hi < begin ? begin : (hi > total ? total : hi)};
 }
 
-// ------------------------------------------------------------------ host-side launch helpers
-
-inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Grid of a "lane owns VEC features" kernel: (sequence, 32*VEC-wide slice of `width`, split of
-// the rows); grid.y is capped at the launch limit (the kernels loop over further slices).
-template <int VEC>
-inline dim3 slice_grid(int64_t batch, int64_t width, int64_t splits) {
-  const int64_t n_slices = ceil_div(width, 32 * VEC);
-  return dim3(static_cast<unsigned>(batch),
-              static_cast<unsigned>(n_slices < kMaxGridYZ ? n_slices : kMaxGridYZ),
-              static_cast<unsigned>(splits));
+// The rows of `rows` that block blockIdx.z takes when gridDim.z blocks split them (grid.z from
+// set_row_splits): equal chunks, rounded up to a multiple of `align` rows. Empty, the same in
+// every thread of the block, when the block gets none (an empty sequence or a short tail).
+__device__ __forceinline__ RowRange block_rows(RowRange rows, int64_t align) {
+  int64_t chunk = (rows.end - rows.begin + gridDim.z - 1) / gridDim.z;
+  chunk = (chunk + align - 1) / align * align;
+  const int64_t begin = rows.begin + blockIdx.z * chunk;
+  return {begin, begin + chunk < rows.end ? begin + chunk : rows.end};
 }
 
-// Row splits per sequence so that the grid of `threads`-thread blocks holds about two waves,
-// with no split smaller than min_rows rows.
-inline cudaError_t row_splits(int64_t blocks_per_split, int64_t rows_per_sequence, int threads,
-                              int64_t min_rows, int64_t* splits) {
-  int device = 0;
-  int n_sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&n_sms, cudaDevAttrMultiProcessorCount, device);
+// Epilogue of a forward slice kernel (blocks of 32 x WARPS threads, lane x owning VEC features):
+// sums every warp's acc in a fixed order (deterministic, no atomics), divides by max(count, 1)
+// (IEEE division, like the references) and stores the VEC means at out from warp 0's lanes that
+// are active. Synchronizes the block twice: every thread of the block must call it.
+template <typename T, int VEC, int WARPS>
+__device__ __forceinline__ void store_block_mean(const float (&acc)[VEC], int64_t count,
+                                                 bool active, T* out) {
+  __shared__ float partial[WARPS][VEC][32];
+  const int lane = threadIdx.x;
+  const int warp = threadIdx.y;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) partial[warp][j][lane] = acc[j];
+  __syncthreads();
+  if (warp == 0 && active) {
+    const float n = static_cast<float>(count > 0 ? count : 1);
+    float mean[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) s += partial[w][j][lane];
+      mean[j] = s / n;
+    }
+    store_vec<T, VEC>(out, mean);
   }
-  if (err != cudaSuccess) return err;
-  const int64_t target_blocks = static_cast<int64_t>(n_sms) * (2048 / threads) * 2;
-  int64_t s = ceil_div(target_blocks, blocks_per_split);
-  const int64_t most = ceil_div(rows_per_sequence, min_rows);
-  if (s > most) s = most;
-  if (s > kMaxGridYZ) s = kMaxGridYZ;
-  *splits = s > 1 ? s : 1;
-  return cudaSuccess;
+  __syncthreads();  // partial is reused by the caller's next slice
 }
 
 #endif  // __CUDACC__

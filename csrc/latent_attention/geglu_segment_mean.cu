@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "../common/device_utils.cuh"
+#include "../common/launch_utils.cuh"
 
 namespace latentembed {
 namespace {
@@ -39,12 +40,9 @@ geglu_mean_fwd_kernel(const GegluSegmentMeanFwdParams p) {
   const int lane = threadIdx.x;
   const int warp = threadIdx.y;
   const int64_t b = blockIdx.x;
-  int64_t start = 0;
-  int64_t end = 0;
-  sequence_rows(p.cu_seqlens, b, p.rows, &start, &end);
+  const RowRange seq = sequence_rows(p.cu_seqlens, b, p.rows);
   const T* a = static_cast<const T*>(p.a);
 
-  __shared__ float partial[kWarps][VEC][32];
   const int64_t n_slices = (p.features + 32 * VEC - 1) / (32 * VEC);
   for (int64_t slice = blockIdx.y; slice < n_slices; slice += gridDim.y) {
     const int64_t f = (slice * 32 + lane) * VEC;
@@ -53,7 +51,7 @@ geglu_mean_fwd_kernel(const GegluSegmentMeanFwdParams p) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) acc[j] = 0.f;
     if (active) {
-      for (int64_t row = start + warp; row < end; row += kWarps) {
+      for (int64_t row = seq.begin + warp; row < seq.end; row += kWarps) {
         float v[VEC];
         float g[VEC];
         load_vec<T, VEC>(a + row * p.stride_at + f, v);
@@ -62,23 +60,8 @@ geglu_mean_fwd_kernel(const GegluSegmentMeanFwdParams p) {
         for (int j = 0; j < VEC; ++j) acc[j] += v[j] * (g[j] * gelu_cdf(g[j]));
       }
     }
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) partial[warp][j][lane] = acc[j];
-    __syncthreads();
-    if (warp == 0 && active) {
-      const int64_t count = end - start;
-      const float n = static_cast<float>(count > 0 ? count : 1);
-      float mean[VEC];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        float s = 0.f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) s += partial[w][j][lane];
-        mean[j] = s / n;
-      }
-      store_vec<T, VEC>(static_cast<T*>(p.out) + b * p.stride_ob + f, mean);
-    }
-    __syncthreads();  // partial is reused by the next slice
+    store_block_mean<T, VEC, kWarps>(acc, seq.end - seq.begin, active,
+                                     static_cast<T*>(p.out) + b * p.stride_ob + (active ? f : 0));
   }
 }
 
@@ -88,14 +71,10 @@ geglu_mean_bwd_kernel(const GegluSegmentMeanBwdParams p) {
   const int lane = threadIdx.x;
   const int warp = threadIdx.y;
   const int64_t b = blockIdx.x;
-  int64_t start = 0;
-  int64_t end = 0;
-  sequence_rows(p.cu_seqlens, b, p.rows, &start, &end);
-  const int64_t chunk = (end - start + gridDim.z - 1) / gridDim.z;
-  const int64_t row_begin = start + blockIdx.z * chunk;
-  if (row_begin >= end) return;  // uniform over the block
-  const int64_t row_end = row_begin + chunk < end ? row_begin + chunk : end;
-  const int64_t count = end - start;
+  const RowRange seq = sequence_rows(p.cu_seqlens, b, p.rows);
+  const RowRange share = block_rows(seq, 1);
+  if (share.empty()) return;  // uniform over the block
+  const int64_t count = seq.end - seq.begin;
   const float n = static_cast<float>(count > 0 ? count : 1);
   const T* a = static_cast<const T*>(p.a);
   T* grad_a = static_cast<T*>(p.grad_a);
@@ -108,7 +87,7 @@ geglu_mean_bwd_kernel(const GegluSegmentMeanBwdParams p) {
     load_vec<T, VEC>(static_cast<const T*>(p.grad_out) + b * p.stride_gob + f, s);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) s[j] = s[j] / n;  // a division, like autograd's total / count
-    for (int64_t row = row_begin + warp; row < row_end; row += kWarps) {
+    for (int64_t row = share.begin + warp; row < share.end; row += kWarps) {
       float v[VEC];
       float g[VEC];
       load_vec<T, VEC>(a + row * p.stride_at + f, v);
@@ -128,46 +107,6 @@ geglu_mean_bwd_kernel(const GegluSegmentMeanBwdParams p) {
   }
 }
 
-template <typename T>
-cudaError_t launch_fwd(const GegluSegmentMeanFwdParams& p, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);
-  const bool vectorize = p.features % kVec == 0 && p.stride_at % kVec == 0 &&
-                         p.stride_ob % kVec == 0 && aligned16(p.a) && aligned16(p.out);
-  const dim3 block(32, kWarps);
-  if (vectorize) {
-    geglu_mean_fwd_kernel<T, kVec>
-        <<<slice_grid<kVec>(p.batch, p.features, 1), block, 0, stream>>>(p);
-  } else {
-    geglu_mean_fwd_kernel<T, 1><<<slice_grid<1>(p.batch, p.features, 1), block, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_bwd(const GegluSegmentMeanBwdParams& p, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);
-  const bool vectorize = p.features % kVec == 0 && p.stride_at % kVec == 0 &&
-                         p.stride_gat % kVec == 0 && p.stride_gob % kVec == 0 &&
-                         aligned16(p.a) && aligned16(p.grad_a) && aligned16(p.grad_out);
-  const int vec = vectorize ? kVec : 1;
-  const int64_t n_slices = ceil_div(p.features, 32 * vec);
-  const int64_t blocks_per_split = p.batch * (n_slices < kMaxGridYZ ? n_slices : kMaxGridYZ);
-  int64_t splits = 1;
-  // At least a row per warp in every split.
-  const cudaError_t err =
-      row_splits(blocks_per_split, ceil_div(p.rows, p.batch), kThreads, kWarps, &splits);
-  if (err != cudaSuccess) return err;
-  const dim3 block(32, kWarps);
-  if (vectorize) {
-    geglu_mean_bwd_kernel<T, kVec>
-        <<<slice_grid<kVec>(p.batch, p.features, splits), block, 0, stream>>>(p);
-  } else {
-    geglu_mean_bwd_kernel<T, 1>
-        <<<slice_grid<1>(p.batch, p.features, splits), block, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
-}
-
 bool valid_sizes(int64_t batch, int64_t rows, int64_t features) {
   return batch >= 0 && batch <= 0x7fffffff && rows >= 0 && features >= 0;
 }
@@ -178,23 +117,40 @@ cudaError_t geglu_segment_mean_fwd(const GegluSegmentMeanFwdParams& p, cudaStrea
   if (!valid_sizes(p.batch, p.rows, p.features)) return cudaErrorInvalidValue;
   // T = 0 still launches: every output row is written, as zeros.
   if (p.batch == 0 || p.features == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case GegluDtype::kFloat32: return launch_fwd<float>(p, stream);
-    case GegluDtype::kFloat16: return launch_fwd<__half>(p, stream);
-    case GegluDtype::kBFloat16: return launch_fwd<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    constexpr int kVec = 16 / sizeof(T);
+    const bool vectorize = p.features % kVec == 0 && p.stride_at % kVec == 0 &&
+                           p.stride_ob % kVec == 0 && aligned16(p.a) && aligned16(p.out);
+    SliceLaunch grid;
+    grid.batch = p.batch;
+    grid.width = p.features;
+    grid.warps = kWarps;
+    return launch_slices<kVec>(
+        grid, vectorize, [](auto vec) { return geglu_mean_fwd_kernel<T, decltype(vec)::value>; },
+        p, stream);
+  });
 }
 
 cudaError_t geglu_segment_mean_bwd(const GegluSegmentMeanBwdParams& p, cudaStream_t stream) {
   if (!valid_sizes(p.batch, p.rows, p.features)) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.features == 0 || p.rows == 0) return cudaSuccess;  // empty grad_a
-  switch (p.dtype) {
-    case GegluDtype::kFloat32: return launch_bwd<float>(p, stream);
-    case GegluDtype::kFloat16: return launch_bwd<__half>(p, stream);
-    case GegluDtype::kBFloat16: return launch_bwd<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    constexpr int kVec = 16 / sizeof(T);
+    const bool vectorize = p.features % kVec == 0 && p.stride_at % kVec == 0 &&
+                           p.stride_gat % kVec == 0 && p.stride_gob % kVec == 0 &&
+                           aligned16(p.a) && aligned16(p.grad_a) && aligned16(p.grad_out);
+    SliceLaunch grid;
+    grid.batch = p.batch;
+    grid.width = p.features;
+    grid.warps = kWarps;
+    grid.rows_per_sequence = ceil_div(p.rows, p.batch);
+    grid.min_split_rows = kWarps;  // at least a row per warp
+    return launch_slices<kVec>(
+        grid, vectorize, [](auto vec) { return geglu_mean_bwd_kernel<T, decltype(vec)::value>; },
+        p, stream);
+  });
 }
 
 }  // namespace latentembed

@@ -1,5 +1,6 @@
 // Latent cross-attention kernels: launchers over latent_cross_attention_kernels.cuh (see
-// latent_cross_attention.cuh for shapes and semantics, bindings.cpp for the whole op).
+// latent_cross_attention.cuh for shapes and semantics, latent_cross_attention_host.cpp for the
+// whole op).
 //
 // Built with torch's flags (__CUDA_NO_HALF_CONVERSIONS__ and friends): only explicit conversion
 // intrinsics. No fast math: expf and sqrtf are the accurate versions.
@@ -11,12 +12,13 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
+#include "../common/launch_utils.cuh"
 #include "latent_cross_attention_kernels.cuh"
 
 namespace latentembed {
 namespace lca {
-
 namespace {
 
 // Grid-stride loops cover any count; this only bounds the launch.
@@ -30,49 +32,27 @@ unsigned blocks_for(int64_t items) {
 
 bool valid(int64_t a, int64_t b) { return a >= 0 && b >= 0; }
 
-template <typename T>
-cudaError_t launch_ln_fwd(const LcaLayerNormParams& p, cudaStream_t stream) {
-  layer_norm_fwd_kernel<T><<<blocks_for(p.rows), kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+// launch(TypeTag<T>{}, TypeTag<G>{}): T the op dtype, G the dtype of the GEMM outputs the kernel
+// reads (fp32 when gemm_fp32, else T: a torch without aten::mm.dtype).
+template <typename Launch>
+cudaError_t dispatch_dtypes(LcaDtype dtype, bool gemm_fp32, Launch&& launch) {
+  return dispatch_dtype(dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return dispatch_bool(gemm_fp32, [&](auto fp32) {
+      return launch(t, TypeTag<std::conditional_t<decltype(fp32)::value, float, T>>{});
+    });
+  });
 }
 
-// S: the dtype of the GEMM outputs the kernel reads (fp32, or T on a torch without mm.dtype).
-template <typename T>
-cudaError_t launch_softmax_fwd(const LcaSoftmaxParams& p, cudaStream_t stream) {
-  const unsigned grid = blocks_for(p.rows * p.heads);
-  if (p.gemm_fp32) {
-    softmax_fwd_kernel<T, float><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    softmax_fwd_kernel<T, T><<<grid, kThreads, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_softmax_bwd(const LcaSoftmaxBwdParams& p, cudaStream_t stream) {
-  const unsigned grid = blocks_for(p.rows * p.heads);
-  if (p.gemm_fp32) {
-    softmax_bwd_kernel<T, float><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    softmax_bwd_kernel<T, T><<<grid, kThreads, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
-}
-
-template <typename T, typename G>
-cudaError_t launch_ln_bwd_typed(const LcaLayerNormBwdParams& p, cudaStream_t stream) {
-  layer_norm_bwd_dx_kernel<T, G><<<blocks_for(p.rows), kThreads, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.features + 31) / 32),
-                  static_cast<unsigned>(p.chunks < kMaxGridYZ ? p.chunks : kMaxGridYZ));
-  layer_norm_bwd_params_kernel<T, G><<<grid, dim3(32, kColWarps), 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_ln_bwd(const LcaLayerNormBwdParams& p, cudaStream_t stream) {
-  return p.gemm_fp32 ? launch_ln_bwd_typed<T, float>(p, stream) : launch_ln_bwd_typed<T, T>(p, stream);
+// A segment kernel (softmax forward or backward), kernel_of(TypeTag<T>{}, TypeTag<S>{}), on
+// one block per (row, head) segment of p.latents scores.
+template <typename Params, typename KernelOf>
+cudaError_t launch_segments(const Params& p, cudaStream_t stream, KernelOf&& kernel_of) {
+  if (!valid(p.rows, p.heads) || p.latents < 0) return cudaErrorInvalidValue;
+  if (p.rows == 0 || p.heads == 0 || p.latents == 0) return cudaSuccess;
+  return dispatch_dtypes(p.dtype, p.gemm_fp32, [&](auto t, auto s) {
+    return launch_kernel(kernel_of(t, s), blocks_for(p.rows * p.heads), kThreads, stream, p);
+  });
 }
 
 }  // namespace
@@ -85,31 +65,26 @@ int64_t lca_ln_bwd_chunks(int64_t rows, int64_t* rows_per_chunk) {
   return rows > 0 ? (rows + per - 1) / per : 0;
 }
 
-// One switch per entry point: float / __half / __nv_bfloat16 by the op dtype.
-#define LCA_DISPATCH(dtype, launch, p, stream)                                        \
-  switch (dtype) {                                                                    \
-    case LcaDtype::kFloat32: return lca::launch<float>(p, stream);                    \
-    case LcaDtype::kFloat16: return lca::launch<__half>(p, stream);                   \
-    case LcaDtype::kBFloat16: return lca::launch<__nv_bfloat16>(p, stream);           \
-  }                                                                                   \
-  return cudaErrorInvalidValue
-
 cudaError_t lca_layer_norm_fwd(const LcaLayerNormParams& p, cudaStream_t stream) {
   if (!lca::valid(p.rows, p.features)) return cudaErrorInvalidValue;
   if (p.rows == 0 || p.features == 0) return cudaSuccess;
-  LCA_DISPATCH(p.dtype, launch_ln_fwd, p, stream);
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return launch_kernel(lca::layer_norm_fwd_kernel<T>, lca::blocks_for(p.rows), lca::kThreads,
+                         stream, p);
+  });
 }
 
 cudaError_t lca_softmax_fwd(const LcaSoftmaxParams& p, cudaStream_t stream) {
-  if (!lca::valid(p.rows, p.heads) || p.latents < 0) return cudaErrorInvalidValue;
-  if (p.rows == 0 || p.heads == 0 || p.latents == 0) return cudaSuccess;
-  LCA_DISPATCH(p.dtype, launch_softmax_fwd, p, stream);
+  return lca::launch_segments(p, stream, [](auto t, auto s) {
+    return lca::softmax_fwd_kernel<typename decltype(t)::type, typename decltype(s)::type>;
+  });
 }
 
 cudaError_t lca_softmax_bwd(const LcaSoftmaxBwdParams& p, cudaStream_t stream) {
-  if (!lca::valid(p.rows, p.heads) || p.latents < 0) return cudaErrorInvalidValue;
-  if (p.rows == 0 || p.heads == 0 || p.latents == 0) return cudaSuccess;
-  LCA_DISPATCH(p.dtype, launch_softmax_bwd, p, stream);
+  return lca::launch_segments(p, stream, [](auto t, auto s) {
+    return lca::softmax_bwd_kernel<typename decltype(t)::type, typename decltype(s)::type>;
+  });
 }
 
 cudaError_t lca_layer_norm_bwd(const LcaLayerNormBwdParams& p, cudaStream_t stream) {
@@ -118,9 +93,17 @@ cudaError_t lca_layer_norm_bwd(const LcaLayerNormBwdParams& p, cudaStream_t stre
   }
   if (p.chunks * p.rows_per_chunk < p.rows) return cudaErrorInvalidValue;  // rows left out
   if (p.rows == 0 || p.features == 0) return cudaSuccess;
-  LCA_DISPATCH(p.dtype, launch_ln_bwd, p, stream);
+  return lca::dispatch_dtypes(p.dtype, p.gemm_fp32, [&](auto t, auto g) {
+    using T = typename decltype(t)::type;
+    using G = typename decltype(g)::type;
+    const cudaError_t err = launch_kernel(lca::layer_norm_bwd_dx_kernel<T, G>,
+                                          lca::blocks_for(p.rows), lca::kThreads, stream, p);
+    if (err != cudaSuccess) return err;
+    const dim3 grid(static_cast<unsigned>(ceil_div(p.features, 32)),
+                    static_cast<unsigned>(p.chunks < kMaxGridYZ ? p.chunks : kMaxGridYZ));
+    return launch_kernel(lca::layer_norm_bwd_params_kernel<T, G>, grid, dim3(32, lca::kColWarps),
+                         stream, p);
+  });
 }
-
-#undef LCA_DISPATCH
 
 }  // namespace latentembed

@@ -1,9 +1,10 @@
 // Latent cross-attention (folded NV-Embed block): the CUDA kernels that cuBLAS cannot fuse.
 //
 // No torch/ATen/c10 header on purpose: this file and latent_cross_attention.cu compile alone with
-// `nvcc -arch=sm_90 -c` on machines whose torch has no CUDA headers (CPU CI); the torch glue and
-// the cuBLAS GEMMs (through ATen) live in csrc/latent_attention/bindings.cpp, which documents the
-// whole forward and backward. Every tensor here is contiguous; sizes are int64, in elements.
+// `nvcc -arch=sm_90 -c` on machines whose torch has no CUDA headers (CPU CI); the cuBLAS GEMMs
+// (through ATen) between these kernels are in latent_cross_attention_host.cpp, which documents
+// the whole forward and backward, and the torch glue in bindings.cpp. Every tensor here is
+// contiguous; sizes are int64, in elements.
 //
 // Shapes: T rows, D features, H heads, R latents, N = H * R.
 //   x, xn, grad_y, grad_x [T, D] in the op dtype; weight, bias [D] fp32; mean, rstd [T] fp32;

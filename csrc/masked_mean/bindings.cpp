@@ -24,16 +24,6 @@
 namespace latentembed {
 namespace {
 
-void check_cuda_tensor(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
-}
-
-void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
-                       const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name,
-              " (", ref.device(), "), got ", t.device());
-}
-
 // The mask's bytes ([batch, length], any strides) or nullptr when absent.
 const uint8_t* mask_bytes(const std::optional<at::Tensor>& mask, const at::Tensor& ref,
                           const char* ref_name, int64_t batch, int64_t length,
@@ -52,18 +42,6 @@ const uint8_t* mask_bytes(const std::optional<at::Tensor>& mask, const at::Tenso
   return static_cast<const uint8_t*>(m.const_data_ptr());
 }
 
-// cu_seqlens as a contiguous int32 [B+1] tensor; B is returned through batch.
-at::Tensor checked_cu_seqlens(const at::Tensor& cu_seqlens, const at::Tensor& ref,
-                              const char* ref_name, int64_t* batch) {
-  check_same_device(cu_seqlens, "cu_seqlens", ref, ref_name);
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt, "cu_seqlens must have dtype int32, got ",
-              cu_seqlens.scalar_type());
-  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1,
-              "cu_seqlens must have shape [B+1], got ", cu_seqlens.sizes());
-  *batch = cu_seqlens.size(0) - 1;
-  return cu_seqlens.contiguous();
-}
-
 // hidden [B, L, D] (+ mask [B, L]) or [T, D] + cu_seqlens [B+1] -> [B, D], hidden's dtype.
 at::Tensor masked_mean_fwd_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& mask,
                                 const std::optional<at::Tensor>& cu_seqlens) {
@@ -78,7 +56,8 @@ at::Tensor masked_mean_fwd_cuda(const at::Tensor& hidden, const std::optional<at
                 "mask must be None when cu_seqlens is given (packed sequences have no padding)");
     TORCH_CHECK(hidden.dim() == 2, "hidden must have 2 dims [T, D] with cu_seqlens, got shape ",
                 hidden.sizes());
-    cu = checked_cu_seqlens(*cu_seqlens, hidden, "hidden", &p.batch);
+    cu = checked_cu_seqlens(*cu_seqlens, hidden, "hidden");
+    p.batch = cu.size(0) - 1;
     p.cu_seqlens = cu.const_data_ptr<int32_t>();
     p.length = hidden.size(0);
     p.dim = hidden.size(1);
@@ -127,8 +106,8 @@ at::Tensor masked_mean_bwd_cuda(const at::Tensor& grad_out, const std::optional<
   if (cu_seqlens.has_value()) {
     TORCH_CHECK(!mask.has_value(),
                 "mask must be None when cu_seqlens is given (packed sequences have no padding)");
-    int64_t batch = 0;
-    cu = checked_cu_seqlens(*cu_seqlens, grad_out, "grad_out", &batch);
+    cu = checked_cu_seqlens(*cu_seqlens, grad_out, "grad_out");
+    const int64_t batch = cu.size(0) - 1;
     TORCH_CHECK(batch == p.batch, "grad_out must have ", batch,
                 " rows (one per sequence of cu_seqlens), got shape ", grad_out.sizes());
     p.cu_seqlens = cu.const_data_ptr<int32_t>();

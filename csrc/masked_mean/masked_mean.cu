@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "../common/device_utils.cuh"
+#include "../common/launch_utils.cuh"
 
 namespace latentembed {
 namespace {
@@ -82,17 +83,15 @@ masked_mean_fwd_kernel(const MaskedMeanFwdParams p) {
   const int64_t b = blockIdx.x;
 
   const T* hidden = static_cast<const T*>(p.hidden);
-  int64_t start = 0;
-  int64_t end = p.length;
+  RowRange seq{0, p.length};
   if (p.cu_seqlens != nullptr) {
-    sequence_rows(p.cu_seqlens, b, p.length, &start, &end);
+    seq = sequence_rows(p.cu_seqlens, b, p.length);
   } else {
     hidden += b * p.stride_hb;
   }
   const uint8_t* mask_row = p.mask != nullptr ? p.mask + b * p.stride_mb : nullptr;
   const int64_t stride_hd = VEC > 1 ? 1 : p.stride_hd;  // VEC > 1 only when it is 1
 
-  __shared__ float partial[kWarps][VEC][32];
   const int64_t n_slices = (p.dim + 32 * VEC - 1) / (32 * VEC);
   for (int64_t slice = blockIdx.y; slice < n_slices; slice += gridDim.y) {
     const int64_t d = (slice * 32 + lane) * VEC;
@@ -104,12 +103,12 @@ masked_mean_fwd_kernel(const MaskedMeanFwdParams p) {
     for (int j = 0; j < VEC; ++j) acc[j] = 0.f;
     int64_t count = 0;  // identical in every thread: popc of the same ballots
 
-    bool keep_next = lane_keeps(mask_row, p.stride_ml, start + lane, end);
-    for (int64_t row0 = start; row0 < end; row0 += 32) {
+    bool keep_next = lane_keeps(mask_row, p.stride_ml, seq.begin + lane, seq.end);
+    for (int64_t row0 = seq.begin; row0 < seq.end; row0 += 32) {
       const bool keep = keep_next;
       // The next group's mask byte is requested before this group's rows: its latency hides
       // behind theirs instead of stalling the next iteration.
-      keep_next = lane_keeps(mask_row, p.stride_ml, row0 + 32 + lane, end);
+      keep_next = lane_keeps(mask_row, p.stride_ml, row0 + 32 + lane, seq.end);
       const unsigned word = __ballot_sync(kFullMask, keep);
       count += __popc(word);
       const unsigned mine = (word >> (warp * kRowsPerWarp)) & kWarpRowsMask;
@@ -133,24 +132,8 @@ masked_mean_fwd_kernel(const MaskedMeanFwdParams p) {
       }
     }
 
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) partial[warp][j][lane] = acc[j];
-    __syncthreads();
-    if (warp == 0 && active) {
-      const float n = static_cast<float>(count > 0 ? count : 1);
-      float mean[VEC];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        float s = 0.f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) s += partial[w][j][lane];
-        mean[j] = s / n;
-      }
-      Packed<T, VEC> out;
-      out.set(mean);
-      out.store(static_cast<T*>(p.out) + b * p.stride_ob + d, true);
-    }
-    __syncthreads();  // partial is reused by the next slice
+    store_block_mean<T, VEC, kWarps>(acc, count, active,
+                                     static_cast<T*>(p.out) + b * p.stride_ob + (active ? d : 0));
   }
 }
 
@@ -179,23 +162,19 @@ masked_mean_bwd_kernel(const MaskedMeanBwdParams p) {
   const int64_t b = blockIdx.x;
 
   T* grad_hidden = static_cast<T*>(p.grad_hidden);  // contiguous: row r at r * dim
-  int64_t start = 0;
-  int64_t end = p.length;
+  RowRange seq{0, p.length};
   if (p.cu_seqlens != nullptr) {
-    sequence_rows(p.cu_seqlens, b, p.length, &start, &end);
+    seq = sequence_rows(p.cu_seqlens, b, p.length);
   } else {
     grad_hidden += b * p.length * p.dim;
   }
 
   // This block's share of the sequence's rows, in whole groups of 32.
-  int64_t chunk = (end - start + gridDim.z - 1) / gridDim.z;
-  chunk = (chunk + 31) / 32 * 32;
-  const int64_t row_begin = start + blockIdx.z * chunk;
-  if (row_begin >= end) return;  // uniform over the block (empty sequence or short tail)
-  const int64_t row_end = row_begin + chunk < end ? row_begin + chunk : end;
+  const RowRange share = block_rows(seq, 32);
+  if (share.empty()) return;  // uniform over the block
 
   const uint8_t* mask_row = p.mask != nullptr ? p.mask + b * p.stride_mb : nullptr;
-  int64_t count = end - start;
+  int64_t count = seq.end - seq.begin;
   if (mask_row != nullptr) count = block_count_kept(mask_row, p.stride_ml, p.length);
   const float n = static_cast<float>(count > 0 ? count : 1);
 
@@ -215,66 +194,23 @@ masked_mean_bwd_kernel(const MaskedMeanBwdParams p) {
     value.set(g);
     T* col = grad_hidden + d;
 
-    bool keep_next = lane_keeps(mask_row, p.stride_ml, row_begin + lane, row_end);
-    for (int64_t row0 = row_begin; row0 < row_end; row0 += 32) {
+    bool keep_next = lane_keeps(mask_row, p.stride_ml, share.begin + lane, share.end);
+    for (int64_t row0 = share.begin; row0 < share.end; row0 += 32) {
       const bool keep = keep_next;
-      keep_next = lane_keeps(mask_row, p.stride_ml, row0 + 32 + lane, row_end);
+      keep_next = lane_keeps(mask_row, p.stride_ml, row0 + 32 + lane, share.end);
       const unsigned word = __ballot_sync(kFullMask, keep);
       const unsigned mine = (word >> (warp * kRowsPerWarp)) & kWarpRowsMask;
       if (active) {
         const int64_t row = row0 + warp * kRowsPerWarp;
 #pragma unroll
         for (int k = 0; k < kRowsPerWarp; ++k) {
-          if (row + k < row_end) {  // dropped rows in range still get their zeros
+          if (row + k < share.end) {  // dropped rows in range still get their zeros
             value.store(col + (row + k) * p.dim, (mine >> k) & 1u);
           }
         }
       }
     }
   }
-}
-
-template <typename T>
-cudaError_t launch_fwd(const MaskedMeanFwdParams& p, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);
-  const bool packed = p.cu_seqlens != nullptr;
-  const bool vectorize = p.stride_hd == 1 && p.dim % kVec == 0 && p.stride_hl % kVec == 0 &&
-                         (packed || p.stride_hb % kVec == 0) && p.stride_ob % kVec == 0 &&
-                         aligned16(p.hidden) && aligned16(p.out);
-  const dim3 block(32, kWarps);
-  if (vectorize) {
-    masked_mean_fwd_kernel<T, kVec>
-        <<<slice_grid<kVec>(p.batch, p.dim, 1), block, 0, stream>>>(p);
-  } else {
-    masked_mean_fwd_kernel<T, 1><<<slice_grid<1>(p.batch, p.dim, 1), block, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_bwd(const MaskedMeanBwdParams& p, cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);
-  const bool vectorize = p.dim % kVec == 0 && aligned16(p.grad_hidden);
-  const int vec = vectorize ? kVec : 1;
-  const int64_t n_slices = ceil_div(p.dim, 32 * vec);
-  const int64_t blocks_per_split =
-      p.batch * (n_slices < kMaxGridYZ ? n_slices : kMaxGridYZ);
-  const int64_t rows_per_sequence =
-      p.cu_seqlens != nullptr ? ceil_div(p.length, p.batch) : p.length;
-  int64_t splits = 1;
-  // No split smaller than one ballot group of 32 rows.
-  const cudaError_t err =
-      row_splits(blocks_per_split, rows_per_sequence, kThreads, 32, &splits);
-  if (err != cudaSuccess) return err;
-  const dim3 block(32, kWarps);
-  if (vectorize) {
-    masked_mean_bwd_kernel<T, kVec>
-        <<<slice_grid<kVec>(p.batch, p.dim, splits), block, 0, stream>>>(p);
-  } else {
-    masked_mean_bwd_kernel<T, 1>
-        <<<slice_grid<1>(p.batch, p.dim, splits), block, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
 }
 
 bool valid_batch(int64_t batch) { return batch >= 0 && batch <= 0x7fffffff; }
@@ -286,24 +222,40 @@ cudaError_t masked_mean_fwd(const MaskedMeanFwdParams& p, cudaStream_t stream) {
   if (p.cu_seqlens != nullptr && p.mask != nullptr) return cudaErrorInvalidValue;
   // Zero rows (L = 0 or T = 0) still launch: every output row is written, as zeros.
   if (p.batch == 0 || p.dim == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case MaskedMeanDtype::kFloat32: return launch_fwd<float>(p, stream);
-    case MaskedMeanDtype::kFloat16: return launch_fwd<__half>(p, stream);
-    case MaskedMeanDtype::kBFloat16: return launch_fwd<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    constexpr int kVec = 16 / sizeof(T);
+    const bool packed = p.cu_seqlens != nullptr;
+    const bool vectorize = p.stride_hd == 1 && p.dim % kVec == 0 && p.stride_hl % kVec == 0 &&
+                           (packed || p.stride_hb % kVec == 0) && p.stride_ob % kVec == 0 &&
+                           aligned16(p.hidden) && aligned16(p.out);
+    SliceLaunch grid;
+    grid.batch = p.batch;
+    grid.width = p.dim;
+    grid.warps = kWarps;
+    return launch_slices<kVec>(
+        grid, vectorize, [](auto vec) { return masked_mean_fwd_kernel<T, decltype(vec)::value>; },
+        p, stream);
+  });
 }
 
 cudaError_t masked_mean_bwd(const MaskedMeanBwdParams& p, cudaStream_t stream) {
   if (!valid_batch(p.batch) || p.dim < 0 || p.length < 0) return cudaErrorInvalidValue;
   if (p.cu_seqlens != nullptr && p.mask != nullptr) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.dim == 0 || p.length == 0) return cudaSuccess;  // empty grad_hidden
-  switch (p.dtype) {
-    case MaskedMeanDtype::kFloat32: return launch_bwd<float>(p, stream);
-    case MaskedMeanDtype::kFloat16: return launch_bwd<__half>(p, stream);
-    case MaskedMeanDtype::kBFloat16: return launch_bwd<__nv_bfloat16>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    using T = typename decltype(t)::type;
+    constexpr int kVec = 16 / sizeof(T);
+    SliceLaunch grid;
+    grid.batch = p.batch;
+    grid.width = p.dim;
+    grid.warps = kWarps;
+    grid.rows_per_sequence = p.cu_seqlens != nullptr ? ceil_div(p.length, p.batch) : p.length;
+    grid.min_split_rows = 32;  // one ballot group
+    return launch_slices<kVec>(
+        grid, p.dim % kVec == 0 && aligned16(p.grad_hidden),
+        [](auto vec) { return masked_mean_bwd_kernel<T, decltype(vec)::value>; }, p, stream);
+  });
 }
 
 }  // namespace latentembed

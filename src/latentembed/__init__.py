@@ -8,15 +8,15 @@ call ``ops`` (reference / Triton / CUDA kernels).
 
 from .evaluation import evaluate_retrieval, exact_search, retrieval_metrics
 from .models.checkpoint import CheckpointError, load_decoder, save_decoder
-from .models.config import DecoderConfig
 from .models.decoder import DecoderModel, DecoderOutput
+from .models.decoder_config import DecoderConfig
 from .models.embedding import EmbeddingModel
 from .models.embedding_config import EmbeddingConfig, LoRAConfig
-from .modules.contrastive import InfoNCELoss, InfoNCEOutput, cosine_normalize, infonce_loss
+from .modules.contrastive import InfoNCELoss, InfoNCEOptions, InfoNCEOutput, cosine_normalize, infonce_loss
 from .modules.distributed import all_gather_with_grad
 from .modules.grad_cache import grad_cache_step
 from .modules.latent_attention import LatentAttentionPooling
-from .modules.latent_attention_reference import LatentAttentionPoolingReference
+from .modules.latent_attention_unfolded import UnfoldedLatentAttentionPooling
 from .modules.lora import MultiLoRALinear, apply_multi_lora, lora_routing
 from .modules.peft_interop import load_peft_adapter, save_peft_adapter
 from .modules.pooling import POOLING_MODES, Pooling, pool
@@ -25,6 +25,7 @@ from .ops import (
     geglu_segment_mean,
     group_by_adapter,
     infonce_lse,
+    infonce_per_query_loss,
     latent_cross_attention,
     masked_mean_pool,
     masked_mean_pool_ref,
@@ -45,9 +46,9 @@ __all__ = [
     "EmbeddingConfig",
     "EmbeddingModel",
     "InfoNCELoss",
+    "InfoNCEOptions",
     "InfoNCEOutput",
     "LatentAttentionPooling",
-    "LatentAttentionPoolingReference",
     "LoRAConfig",
     "MultiLoRALinear",
     "POOLING_MODES",
@@ -58,6 +59,7 @@ __all__ = [
     "TaskPrompt",
     "TextTokenizer",
     "TrainConfig",
+    "UnfoldedLatentAttentionPooling",
     "__version__",
     "all_gather_with_grad",
     "apply_multi_lora",
@@ -70,6 +72,7 @@ __all__ = [
     "group_by_adapter",
     "infonce_loss",
     "infonce_lse",
+    "infonce_per_query_loss",
     "latent_cross_attention",
     "load_decoder",
     "load_peft_adapter",

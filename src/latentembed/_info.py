@@ -9,7 +9,7 @@ import torch
 
 from ._extension import extension_path, extension_unavailable
 from .ops import OPS
-from .ops._dispatch import ENV_VAR, BackendUnavailableError, select_backend, triton_interpreting
+from .ops.dispatch import ENV_VAR, BackendUnavailableError, select_backend, triton_interpreting
 
 
 def info() -> str:

@@ -28,7 +28,7 @@ import torch
 from .atomic_io import read_json
 
 __all__ = ["TextTokenizer", "TokenizedTexts", "tokenize_with_prompts", "PackedBatch", "pack_sequences",
-           "MASK_MODES", "TOKENIZER_FILES", "check_tokenizer_fits"]
+           "MASK_MODES", "TOKENIZER_FILES", "as_tokenizer", "check_tokenizer_fits"]
 
 MASK_MODES = ("exact", "nvembed_compat", "none")
 #: Files a tokenizer's ``save_pretrained`` (ours or transformers') may write into a model directory.
@@ -225,6 +225,21 @@ class TextTokenizer:
     def __repr__(self) -> str:
         return (f"TextTokenizer(backend={self.backend!r}, vocab_size={self.vocab_size}, bos={self.bos_token!r}, "
                 f"eos={self.eos_token!r}, pad={self.pad_token!r})")
+
+
+def as_tokenizer(tokenizer: Any) -> TextTokenizer | None:
+    """``None``, a tokenizer directory / tokenizer.json path, or a tokenizer object -> TextTokenizer
+    (``None`` stays ``None``); what ``EmbeddingModel(tokenizer=...)`` and ``from_pretrained`` accept.
+
+    Example:
+        >>> as_tokenizer(None) is None
+        True
+    """
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, (str, Path)):
+        return TextTokenizer.from_pretrained(tokenizer)
+    return TextTokenizer.wrap(tokenizer)
 
 
 def check_tokenizer_fits(tokenizer: TextTokenizer, num_embeddings: int, *, source: str = "the tokenizer",

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from latentembed.modules.latent_attention_reference import LatentAttentionPoolingReference
+from latentembed.modules.latent_attention_unfolded import UnfoldedLatentAttentionPooling
 from tests.tokenizer_helpers import VOCAB_SIZE, build_tokenizer
 
 from .decoder_helpers import hf_model, save_hf
@@ -33,7 +33,7 @@ def nvembed_dir(path: Path, tokenizer: str = "metaspace"):
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     backbone = hf_model("mistral", vocab_size=VOCAB_SIZE)
-    head = LatentAttentionPoolingReference(hidden_size=HIDDEN, **LATENT).eval()
+    head = UnfoldedLatentAttentionPooling(hidden_size=HIDDEN, **LATENT).eval()
     with torch.no_grad():
         for name, p in head.named_parameters():
             if name.endswith("norm.weight") or name.endswith("norm_context.weight"):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from latentembed.models.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, load_decoder, save_decoder
-from latentembed.models.config import DecoderConfig
+from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.decoder import DecoderModel
 from latentembed.models.embedding import EmbeddingModel
 from latentembed.models.embedding_config import EmbeddingConfig

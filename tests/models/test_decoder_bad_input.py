@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from latentembed.models.config import DecoderConfig
+from latentembed.models.decoder_config import DecoderConfig
 from latentembed.modules.latent_attention import LatentAttentionPooling
 from latentembed.modules.pooling import pool
 

@@ -5,7 +5,7 @@ import torch
 import time
 
 from latentembed.bench import BENCHMARKS, decoder
-from latentembed.models.config import DecoderConfig
+from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.decoder import DecoderModel
 
 

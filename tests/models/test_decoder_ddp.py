@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from latentembed.models.config import DecoderConfig
+from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.decoder import DecoderModel
 
 WORLD = 2

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from latentembed.models.config import DecoderConfig
+from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.decoder import DecoderModel
 from latentembed.modules.attention import AttentionInputs, dense_packed_mask, dense_padding_mask, select_attention_backend
-from latentembed.ops._dispatch import BackendUnavailableError
+from latentembed.ops.dispatch import BackendUnavailableError
 from tests.tolerances import assert_within_budget
 
 from .decoder_helpers import FAMILIES, pack, random_batch, rel_err

@@ -4,7 +4,7 @@ an instruction token) trains without NaN, in every pooling mode; its embedding i
 import pytest
 import torch
 
-from latentembed.models.config import DecoderConfig
+from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.embedding import EmbeddingModel
 from latentembed.models.embedding_config import EmbeddingConfig
 

@@ -1,7 +1,7 @@
 """EmbeddingModel end to end on CPU: checkpoints in every format, encode(), adapters, errors.
 
 External references: transformers' MistralModel / Qwen2Model (bidirectional through a 4-D
-mask), the public latent-attention block (LatentAttentionPoolingReference), PEFT's LoRA model,
+mask), the public latent-attention block (UnfoldedLatentAttentionPooling), PEFT's LoRA model,
 and transformers' tokenizers applying NV-Embed's own input recipe.
 """
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from latentembed.models.checkpoint import CheckpointError
-from latentembed.models.config import DecoderConfig
+from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.embedding import EmbeddingModel
 from latentembed.models.embedding_config import EmbeddingConfig
 from latentembed.modules.lora import multi_lora_layers
@@ -80,6 +80,20 @@ def test_save_load_round_trip_is_exact(tmp_path, pooling):
         assert torch.equal(model.encode(TEXTS, task=task), loaded.encode(TEXTS, task=task))
     assert not torch.equal(model.encode(TEXTS, task="query"), model.encode(TEXTS, task="passage"))
     assert loaded.tokenize_texts(TEXTS).input_ids == model.tokenize_texts(TEXTS).input_ids
+
+
+def test_from_pretrained_builds_the_class_it_is_called_on(tmp_path):
+    """embedding_io builds the class handed to it (it never imports EmbeddingModel): a subclass
+    loads as itself, in every format."""
+
+    class Subclass(EmbeddingModel):
+        pass
+
+    tiny_model("mean").save_pretrained(tmp_path / "own")
+    path, _, _ = nvembed_dir(tmp_path / "nv")
+    for directory in (tmp_path / "own", path):
+        assert type(Subclass.from_pretrained(directory)) is Subclass
+        assert type(EmbeddingModel.from_pretrained(directory)) is EmbeddingModel
 
 
 def test_save_adapters_writes_peft_directories_that_load_back(tmp_path):

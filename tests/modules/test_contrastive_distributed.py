@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from latentembed.modules.contrastive import infonce_loss
 from latentembed.modules.distributed import all_gather_with_grad
-from latentembed.ops.contrastive import infonce_lse
+from latentembed.ops.infonce import infonce_lse
 
 NEEDS_POS_KEY = pytest.mark.xfail("pos_key" not in inspect.signature(infonce_lse).parameters,
                                   reason="needs infonce_lse(pos_key=)", strict=False)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from latentembed.modules.latent_attention import LatentAttentionPooling
-from latentembed.modules.pooling import pack_pool_rows
-from latentembed.modules.latent_attention_reference import (
+from latentembed.modules.pooling_functions import pack_pool_rows
+from latentembed.modules.latent_attention_unfolded import (
     LatentAttentionParameters,
-    LatentAttentionPoolingReference,
+    UnfoldedLatentAttentionPooling,
     strip_prefix,
 )
 from tests.tolerances import ATOL, assert_within_budget, max_error
@@ -46,7 +46,7 @@ def make_modules(cfg, backend="reference", device=DEVICE):
     """(reference, fast) sharing one state dict. Init as the real model (latents ~ N(0, 1),
     Linear defaults), with LayerNorm affine parameters perturbed so their gradients are generic."""
     with torch.device(device):  # the NV-Embed-v2 block has 0.74 B parameters: initialise in place
-        ref = LatentAttentionPoolingReference(**cfg)
+        ref = UnfoldedLatentAttentionPooling(**cfg)
         fast = LatentAttentionPooling(**cfg, backend=backend)
     with torch.no_grad():
         for name, p in ref.named_parameters():
@@ -85,7 +85,7 @@ def rel_error(value, ref):
 def test_fp32_output_and_every_gradient_match_the_public_block(backend, cfg_name):
     cfg = CONFIGS[cfg_name]
     ref, fast = make_modules(cfg, backend)
-    ref64 = LatentAttentionPoolingReference(**cfg).double().to(DEVICE)
+    ref64 = UnfoldedLatentAttentionPooling(**cfg).double().to(DEVICE)
     ref64.load_state_dict(ref.state_dict())
     hidden, mask = random_batch(4, 13, cfg["hidden_size"])
     grad_out = torch.randn(4, cfg["hidden_size"], device=DEVICE)
@@ -181,14 +181,14 @@ def test_float64_gradcheck_through_the_cached_fold_in_eval_mode():
     pytest.param("reference", torch.float16, id="reference-fp16"),
     pytest.param("reference", torch.bfloat16, id="reference-bf16"),
     pytest.param(*BACKENDS[1].values, torch.float16, id="triton-fp16", marks=BACKENDS[1].marks),
-    # the interpreter's bf16 dots are wrong (toolchain notes): bf16 Triton runs on the GPU only
+    # the interpreter's bf16 dots are wrong (docs/testing.md, "bf16 in the interpreter"): bf16 Triton runs on the GPU only
     pytest.param(*BACKENDS[1].values, torch.bfloat16, id="triton-bf16", marks=[*BACKENDS[1].marks, pytest.mark.gpu]),
 ])
 def test_half_precision_within_budget_of_public_block(backend, dtype):
     cfg = CONFIGS["D64-R32-H2-d64-f4-raw"]
     ref, fast = make_modules(cfg, backend)
     ref.to(dtype), fast.to(dtype)
-    ref64 = LatentAttentionPoolingReference(**cfg).to(DEVICE, torch.float64)
+    ref64 = UnfoldedLatentAttentionPooling(**cfg).to(DEVICE, torch.float64)
     ref64.load_state_dict(ref.state_dict())
     hidden, mask = random_batch(4, 16, cfg["hidden_size"], dtype=dtype)
     out = fast(hidden, mask)
@@ -220,7 +220,7 @@ def test_autocast_bf16_matches_the_public_block_under_autocast(hidden_dtype):
     their budget is on the error summed over DRAWS draws (worst of 50 groups of 8: 2.2x)."""
     cfg = CONFIGS["D48-R7-H3-d16-f2"]
     ref, fast = make_modules(cfg, "reference")
-    ref64 = LatentAttentionPoolingReference(**cfg).double().to(DEVICE)
+    ref64 = UnfoldedLatentAttentionPooling(**cfg).double().to(DEVICE)
     ref64.load_state_dict(ref.state_dict())
     ours, public, scale, rounding = {}, {}, {}, 0.0
     for _ in range(DRAWS):
@@ -286,7 +286,7 @@ def test_eval_cache_reused_and_invalidated_by_weight_updates():
             dict(ref.named_parameters())[name].mul_(1.3)
             torch.testing.assert_close(fast(hidden, mask), ref(hidden, mask), rtol=1e-5, atol=1e-6, msg=name)
         # load_state_dict copies in place: also seen
-        other = LatentAttentionPoolingReference(**cfg).to(DEVICE)
+        other = UnfoldedLatentAttentionPooling(**cfg).to(DEVICE)
         fast.load_state_dict(other.state_dict())
         torch.testing.assert_close(fast(hidden, mask), other(hidden, mask), rtol=1e-5, atol=1e-6)
         # writes through .data bypass version counters: invalidate_cache() is the documented way
@@ -421,11 +421,11 @@ def test_bad_input_raises_clear_errors():
         fast(hidden[0], cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"pool_mask shape \(5,\) does not match hidden's \[T\]"):
         fast(hidden[0], mask[0, :5], cu_seqlens=torch.tensor([0, 2, 6], dtype=torch.int32))
-    wrong = LatentAttentionPoolingReference(**{**cfg, "num_latents": 9}).state_dict()
+    wrong = UnfoldedLatentAttentionPooling(**{**cfg, "num_latents": 9}).state_dict()
     for module in (fast, ref):
         with pytest.raises(ValueError, match=r"latents: expected \(7, 48\) \[num_latents, latent_dim\], got \(9, 48\)"):
             module.load_state_dict(wrong)
-    wrong = LatentAttentionPoolingReference(**{**cfg, "dim_head": 8}).state_dict()
+    wrong = UnfoldedLatentAttentionPooling(**{**cfg, "dim_head": 8}).state_dict()
     with pytest.raises(ValueError, match=r"to_q.weight: expected \(48, 48\) \[num_heads \* dim_head, hidden_size\], got \(24, 48\)"):
         fast.load_state_dict(wrong)
     missing = dict(ref.state_dict())
@@ -455,7 +455,7 @@ def test_nvembed_v2_config_fp32_on_gpu(backend):
 @pytest.mark.gpu
 def test_nvembed_v2_config_bf16_on_gpu():
     ref, fast = make_modules(NVEMBED_V2, "auto", device="cuda")
-    ref64 = LatentAttentionPoolingReference(**NVEMBED_V2).to("cuda", torch.float64)
+    ref64 = UnfoldedLatentAttentionPooling(**NVEMBED_V2).to("cuda", torch.float64)
     ref.bfloat16(), fast.bfloat16()
     ref64.load_state_dict(ref.state_dict())
     hidden, mask = random_batch(4, 64, 4096, device="cuda", dtype=torch.bfloat16)
@@ -492,9 +492,9 @@ def test_inductor_compile_on_gpu_bf16_matches_eager():
 def test_benchmark_runs_at_a_tiny_size_on_cpu():
     from latentembed.bench import latent_attention as bench
 
-    rows, skipped = bench.run(torch.device("cpu"), copy_gbps=1.0, impls=["latentembed", "reference"])
+    rows, skipped = bench.run(torch.device("cpu"), copy_gbps=1.0, impls=["latentembed", "unfolded"])
     assert {(r.impl, r.mode) for r in rows} >= {("latentembed", "fwd"), ("latentembed", "fwd+bwd"),
-                                                ("reference", "fwd"), ("reference", "fwd+bwd")}
+                                                ("unfolded", "fwd"), ("unfolded", "fwd+bwd")}
     assert all(r.median_ms > 0 and r.tflops > 0 for r in rows)
     assert "folded+compile" in skipped or "folded+compile" not in {r.impl for r in rows}
     assert "targets: stated for the GPU case" in bench.summarize(rows)

@@ -8,7 +8,7 @@ from latentembed.modules.lora import apply_multi_lora, lora_routing, multi_lora_
 from .multi_lora_helpers import ADAPTERS, randomize
 
 decoder = pytest.importorskip("latentembed.models.decoder", reason="the decoder backbone is not available")
-config = pytest.importorskip("latentembed.models.config")
+config = pytest.importorskip("latentembed.models.decoder_config")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

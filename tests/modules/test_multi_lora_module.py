@@ -201,6 +201,28 @@ def test_missing_routing_raises_or_uses_default():
         layer.routing.default_adapter = "nope"
 
 
+def test_routing_tells_a_layer_its_rows_through_public_methods():
+    """What MultiLoRALinear reads from its LoRARouting: routed_rows (None when nothing is set)
+    and default_rows (one grouping per row count and device, kept across forwards)."""
+    layer = random_layer()
+    routing, lead = layer.routing, torch.Size([2, 3])
+    assert routing.routed_rows(lead, torch.device("cpu"), "layer") is None
+    with lora_routing(layer, [0, "base"]):
+        rows = routing.routed_rows(lead, torch.device("cpu"), "layer")
+        assert isinstance(rows, routing_mod.RoutedRows)
+        assert rows.index.tolist() == [0, 0, 0, -1, -1, -1] and rows.present == {0, -1}
+        assert rows.grouping.num_active == 3  # rows with an adapter
+    assert routing.routed_rows(lead, torch.device("cpu"), "layer") is None
+    with pytest.raises(ValueError, match="default_adapter"):
+        routing.default_rows(lead, torch.device("cpu"), "layer")
+    routing.default_adapter = 1
+    first = routing.default_rows(lead, torch.device("cpu"), "layer")
+    assert first.index.tolist() == [1] * 6 and first.present == {1}
+    assert routing.default_rows(lead, torch.device("cpu"), "layer") is first
+    routing.default_adapter = "base"
+    assert routing.default_rows(lead, torch.device("cpu"), "layer").grouping is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_unmerge_round_trip(dtype):
     layer = random_layer(dtype=dtype)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from latentembed.modules.latent_attention import LatentAttentionPooling
-from latentembed.modules.latent_attention_reference import LatentAttentionPoolingReference
+from latentembed.modules.latent_attention_unfolded import UnfoldedLatentAttentionPooling
 from latentembed.modules.pooling import pool
 
 from .test_latent_attention_pooling import BACKENDS
@@ -96,7 +96,7 @@ def test_latent_attention_ignores_any_gradient_sent_to_an_empty_row(param_dtype,
 
 @pytest.mark.parametrize("param_dtype, autocast, hidden_dtype", PRECISIONS[:3])
 def test_reference_block_empty_row_zero_gradient(param_dtype, autocast, hidden_dtype):
-    module = LatentAttentionPoolingReference(**CFG, normalize=True)
+    module = UnfoldedLatentAttentionPooling(**CFG, normalize=True)
     _assert_same_as_without_the_empty_row(module, param_dtype, autocast, hidden_dtype, False, False)
 
 
@@ -130,7 +130,7 @@ def test_pool_modes_normalised_empty_row_zero_gradient(mode, dtype, packed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_l2_normalize_zero_row_zero_output_and_gradient(dtype):
-    from latentembed.modules.pooling import l2_normalize
+    from latentembed.modules.pooling_functions import l2_normalize
 
     x = torch.randn(5, 33, dtype=dtype)
     x[2] = 0

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from latentembed.modules.latent_attention import LatentAttentionPooling
-from latentembed.modules.pooling import POOLING_MODES, Pooling, pack_pool_rows, pool, segment_of_row
+from latentembed.modules.pooling import POOLING_MODES, Pooling, pool
+from latentembed.modules.pooling_functions import pack_pool_rows, segment_of_row
 from tests.tolerances import assert_within_budget
 
 SIMPLE_MODES = ["mean", "last", "first", "weighted_mean"]
@@ -163,17 +164,19 @@ def test_pooling_rejects_bad_input_with_clear_errors():
         pool(h[0], mode="mean", cu_seqlens=torch.tensor([0, 2, 3], dtype=torch.int32))
     with pytest.raises(ValueError, match="hidden must have 3 dims"):
         pool(h[0], mask[0], mode="last")
+    with pytest.raises(ValueError, match=r"pool_mask must have 2 dims \[B, L\], got shape \(2, 4, 1\)"):
+        pool(h, mask[..., None], mode="mean")
 
 
 def test_every_mode_and_the_reference_block_check_the_pool_mask_alike():
-    """One pool-mask check (pooling.check_pool_mask) behind every entry point: same messages."""
-    from latentembed.modules.latent_attention_reference import LatentAttentionPoolingReference
+    """One pool-mask check (pooling_functions.check_pool_mask) behind every entry point: same messages."""
+    from latentembed.modules.latent_attention_unfolded import UnfoldedLatentAttentionPooling
 
     cfg = dict(hidden_size=8, num_latents=2, num_heads=2, dim_head=4)
     latent = LatentAttentionPooling(**cfg, backend="reference")
     entry_points = [lambda h, m: pool(h, m, mode="mean"),
                     lambda h, m: pool(h, m, mode="latent_attention", latent_attention=latent),
-                    LatentAttentionPoolingReference(**cfg)]
+                    UnfoldedLatentAttentionPooling(**cfg)]
     h, mask = torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool)
     for call in entry_points:
         with pytest.raises(ValueError, match=r"pool_mask shape \(2, 3\) does not match hidden's \[B, L\] = \(2, 4\)"):

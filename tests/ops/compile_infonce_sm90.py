@@ -15,16 +15,17 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from latentembed.ops.contrastive import triton as tri  # noqa: E402
+from latentembed.ops.infonce import triton as tri  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
-PTR = {"q_ptr": "data", "d_ptr": "data", "scale_ptr": "fp32", "pos_ptr": "i64", "bound_ptr": "fp32",
-       "owner_ptr": "i64", "key_ptr": "i64", "pos_key_ptr": "i64", "spos_ptr": "fp32", "lse_ptr": "fp32", "g_ptr": "fp32",
+PTR = {"q_ptr": "data", "d_ptr": "data", "scale_ptr": "fp32", "pos_index_ptr": "i64", "bound_ptr": "fp32",
+       "doc_owner_ptr": "i64", "doc_key_ptr": "i64", "pos_key_ptr": "i64", "spos_ptr": "fp32", "lse_ptr": "fp32", "g_ptr": "fp32",
        "ds_ptr": "data", "m_part_ptr": "fp32", "l_part_ptr": "fp32", "c_part_ptr": "i32",
        "dscale_part_ptr": "fp32"}
 FWD_ONLY = {"spos_ptr", "m_part_ptr", "l_part_ptr", "c_part_ptr"}
 BWD_ONLY = {"lse_ptr", "g_ptr", "ds_ptr", "dscale_part_ptr"}
-FLAG_PTRS = {"HAS_POS": ["pos_ptr", "spos_ptr"], "HAS_OWNER": ["owner_ptr"], "HAS_KEY": ["key_ptr", "pos_key_ptr"],
+FLAG_PTRS = {"HAS_POS": ["pos_index_ptr", "spos_ptr"], "HAS_OWNER": ["doc_owner_ptr"],
+             "HAS_KEY": ["doc_key_ptr", "pos_key_ptr"],
              "HAS_MARGIN": ["bound_ptr"]}
 
 
@@ -58,7 +59,7 @@ def tile_variants():
             yield (f"tile {'bwd' if backward else 'fwd'} {dtype} {flag_name} M{bm}-N{bn}-D{bd}-w{warps}-s{stages}",
                    tri._infonce_tile_kernel, sig, cx, warps, stages)
     for dtype in ("bf16", "fp32"):
-        sig = {"q_ptr": f"*{dtype}", "d_ptr": f"*{dtype}", "pos_ptr": "*i64", "out_ptr": "*fp32", "D": "i32",
+        sig = {"q_ptr": f"*{dtype}", "d_ptr": f"*{dtype}", "pos_index_ptr": "*i64", "out_ptr": "*fp32", "D": "i32",
                "stride_q": "i32", "stride_d": "i32", "BLOCK_D": "constexpr"}
         yield f"positive score {dtype}", tri._positive_score_kernel, sig, {"BLOCK_D": 1024}, 4, 1
         sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": "*fp32", "M": "i32", "K": "i32", "Ncol": "i32",

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from latentembed.ops.contrastive import candidate_mask, infonce_lse, infonce_lse_ref
+from latentembed.ops.infonce import (
+    CandidateRule, candidate_mask, infonce_lse, infonce_lse_ref, infonce_per_query_loss,
+    infonce_per_query_loss_ref,
+)
 from tests.ops._common import DEVICE, HAS_GPU  # noqa: F401 (re-exported to the infonce tests)
 from tests.tolerances import ATOL, assert_within_budget
 
@@ -54,7 +57,7 @@ def make_options(name: str, q: torch.Tensor, d: torch.Tensor) -> dict:
     return opts
 
 
-def lowp_reference(q, d, scale, opts, keep, subtract_positive=False):
+def lowp_reference(q, d, scale, opts, keep, per_query_loss=False):
     """PyTorch's own low-precision computation: scores by a matmul in the input dtype, then the
     float32 masked logsumexp (the eager loss's numerics), with the exact run's candidate set."""
     scores = (q @ d.T).float()
@@ -62,26 +65,29 @@ def lowp_reference(q, d, scale, opts, keep, subtract_positive=False):
     empty = ~keep.any(1)
     lse = torch.logsumexp(torch.where(empty[:, None], 0.0, logits), dim=1)
     lse = torch.where(empty, float("-inf"), lse)
-    if subtract_positive:
+    if per_query_loss:
         lse = lse - scale.float() * scores.gather(1, opts["pos_index"][:, None])[:, 0]
     return lse
 
 
-def check_against_reference(backend, q, d, scale, opts, *, exact_rank_required=False, subtract_positive=False):
-    """Forward, n_above and every gradient (q, d, scale) under a random upstream gradient.
+def check_against_reference(backend, q, d, scale, opts, *, exact_rank_required=False, per_query_loss=False):
+    """Forward, n_above and every gradient (q, d, scale) under a random upstream gradient, of
+    infonce_lse (infonce_per_query_loss with ``per_query_loss``); ``opts``: its rule keywords.
 
     Returns (lse, n_above, grads) of the backend under test.
     """
     q = q.detach().requires_grad_()
     d = d.detach().requires_grad_()
     scale = scale.detach().requires_grad_()
-    lse, n_above = infonce_lse(q, d, scale, backend=backend, subtract_positive=subtract_positive, **opts)
+    op, reference = (infonce_per_query_loss, infonce_per_query_loss_ref) if per_query_loss else \
+        (infonce_lse, infonce_lse_ref)
+    lse, n_above = op(q, d, scale, backend=backend, **opts)
 
     exact_args = [t.detach().double().requires_grad_() for t in (q, d, scale)]
-    exact, exact_rank = infonce_lse_ref(*exact_args, **opts, subtract_positive=subtract_positive)
+    exact, exact_rank = reference(*exact_args, CandidateRule(**opts))
     exact_scores = exact_args[0].detach() @ exact_args[1].detach().T
-    keep = candidate_mask(exact_scores, **opts)
-    lowp = lowp_reference(q, d, scale, opts, keep, subtract_positive)
+    keep = candidate_mask(exact_scores, CandidateRule(**opts))
+    lowp = lowp_reference(q, d, scale, opts, keep, per_query_loss)
 
     finite = torch.isfinite(exact)
     assert torch.equal(torch.isfinite(lse), finite), "empty candidate sets differ"
@@ -108,11 +114,11 @@ def check_against_reference(backend, q, d, scale, opts, *, exact_rank_required=F
     for name, got, lp, ex in zip(("grad q", "grad d"), grads[:2], lowp_grads[:2], exact_grads[:2]):
         assert_within_budget(name, got, lp, ex)
     _check_scale_grad(grads[2], lowp_grads[2], exact_grads[2], exact_args[2].detach(), exact_scores, keep,
-                      masked_g.double(), opts, subtract_positive)
+                      masked_g.double(), opts, per_query_loss)
     return lse, n_above, grads
 
 
-def _check_scale_grad(got, lowp, exact, scale, scores, keep, g, opts, subtract_positive):
+def _check_scale_grad(got, lowp, exact, scale, scores, keep, g, opts, per_query_loss):
     """The error-budget rule for the one scalar sum_ij g_i p_ij s_ij (minus g_i s_pos).
 
     Its small absolute term scales with the summands' magnitude sum_ij |g_i p_ij s_ij|, not with
@@ -124,7 +130,7 @@ def _check_scale_grad(got, lowp, exact, scale, scores, keep, g, opts, subtract_p
     lse = torch.logsumexp(logits, 1, keepdim=True)
     p = torch.where(keep & torch.isfinite(lse), torch.exp(logits - lse), 0.0)
     magnitude = (g.abs()[:, None] * p * scores.abs()).sum()
-    if subtract_positive:
+    if per_query_loss:
         magnitude += (g.abs() * scores.gather(1, opts["pos_index"][:, None])[:, 0].abs()).sum()
     err = abs(got.double().item() - exact.item())
     budget = 2 * abs(lowp.double().item() - exact.item()) + ATOL[got.dtype] * max(1.0, magnitude.item())

@@ -5,7 +5,7 @@ import torch
 
 from latentembed import BackendUnavailableError, masked_mean_pool
 from latentembed.ops import OPS
-from latentembed.ops._dispatch import ENV_VAR, select_backend
+from latentembed.ops.dispatch import ENV_VAR, select_backend
 
 BACKENDS = OPS["masked_mean_pool"]
 

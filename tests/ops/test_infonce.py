@@ -9,7 +9,9 @@ kernel and the reference drop exactly the same candidates and the rank must matc
 import pytest
 import torch
 
-from latentembed.ops.contrastive import InfoNCELSEFunction, infonce_lse, infonce_lse_ref
+from latentembed.ops.infonce import (
+    CandidateRule, InfoNCELSEFunction, infonce_lse, infonce_lse_ref, infonce_per_query_loss,
+)
 from tests.ops.infonce_helpers import (
     DEVICE, HAS_GPU, VALUE_BASED, VALUE_FREE, check_against_reference, make_options, quantized,
 )
@@ -23,7 +25,7 @@ DTYPES = dtype_params(bf16_marks=BF16_ON_GPU)
 def small_groups(monkeypatch):
     # Several document groups per row block and several backward chunks even at test sizes, so
     # the merge of partial results and the chunk loop are exercised.
-    from latentembed.ops.contrastive import triton as tri
+    from latentembed.ops.infonce import triton as tri
 
     if not HAS_GPU:
         monkeypatch.setattr(tri, "GROUP_DOCS", 16)
@@ -57,7 +59,7 @@ def test_score_bounds_match_reference(backend, dtype, option):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("option", ["pos", "all"])
-def test_subtract_positive_matches_reference(backend, dtype, option):
+def test_per_query_loss_matches_reference(backend, dtype, option):
     # The per-query InfoNCE loss lse - scale * s_pos, with the positive's gradient in the kernel.
     B, N, D = 19, 37, 33
     q = quantized(B, D, dtype=dtype)
@@ -65,7 +67,7 @@ def test_subtract_positive_matches_reference(backend, dtype, option):
     opts = make_options(option, q, d)
     opts.setdefault("pos_index", torch.randint(0, N, (B,), device=DEVICE))
     loss, _, _ = check_against_reference(
-        backend, q, d, torch.tensor(0.6, device=DEVICE), opts, exact_rank_required=True, subtract_positive=True
+        backend, q, d, torch.tensor(0.6, device=DEVICE), opts, exact_rank_required=True, per_query_loss=True
     )
     assert (loss >= -1e-4).all()  # lse >= the positive's own logit
 
@@ -128,8 +130,7 @@ def test_function_can_be_applied_directly():
     q = torch.randn(4, 8, device=DEVICE, requires_grad=True)
     d = torch.randn(9, 8, device=DEVICE)
     scale = torch.tensor(1.5, device=DEVICE)
-    lse, n_above = InfoNCELSEFunction.apply(q, d, scale, None, None, None, None, None, None, None, False, False,
-                                          "triton")
+    lse, n_above = InfoNCELSEFunction.apply(q, d, scale, CandidateRule(), False, "triton")
     ref, _ = infonce_lse_ref(q, d, scale)
     torch.testing.assert_close(lse, ref, rtol=1e-5, atol=1e-5)
     assert not n_above.requires_grad
@@ -165,8 +166,8 @@ def test_default_pos_key_is_the_positives_key(backend):
 
 def test_backward_chunks_keep_the_grid_within_cuda_limits(monkeypatch):
     # B = 1 asks for 2^22-document chunks; at N >= 2^24 an uncapped chunk would need more than
-    # 65535 groups along the grid's y dimension. Same cap in csrc/contrastive/bindings.cpp.
-    from latentembed.ops.contrastive import triton as tri
+    # 65535 groups along the grid's y dimension. Same cap in csrc/infonce/bindings.cpp.
+    from latentembed.ops.infonce import triton as tri
 
     monkeypatch.setattr(tri, "CHUNK_DOCS", None)
     monkeypatch.setattr(tri, "GROUP_DOCS", None)
@@ -180,7 +181,7 @@ def test_backward_chunks_keep_the_grid_within_cuda_limits(monkeypatch):
 
 def test_in_place_narrowing_of_dq_is_exact():
     # The fp32 dq accumulator is cast into its own storage row block by row block.
-    from latentembed.ops.contrastive.triton import _narrow_in_place
+    from latentembed.ops.infonce.triton import _narrow_in_place
 
     acc = torch.randn(37, 13)
     for dtype in (torch.float16, torch.bfloat16):
@@ -225,7 +226,7 @@ def test_validate_false_never_syncs_on_gpu(backend):
               doc_key=torch.randint(0, 50, (N,), device=DEVICE), backend=backend, validate=False)
 
     def step():
-        lse, _ = infonce_lse(q, d, scale, subtract_positive=True, **kw)
+        lse, _ = infonce_per_query_loss(q, d, scale, **kw)
         return torch.autograd.grad(lse.sum(), (q, d, scale))
 
     step()
@@ -235,3 +236,74 @@ def test_validate_false_never_syncs_on_gpu(backend):
         step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+# --- the candidate rule: one structure, passed by keyword ---------------------------------------
+
+
+def test_candidate_rule_reaches_the_ops_unchanged(monkeypatch):
+    # The rule given to infonce_per_query_loss arrives at both custom-op calls field by field,
+    # by keyword (pos_key resolved to doc_key[pos_index]), with nothing reordered or lost.
+    import latentembed.ops.infonce as infonce
+
+    B, N, D = 5, 13, 8
+    q = torch.randn(B, D, device=DEVICE, requires_grad=True)
+    d = torch.randn(N, D, device=DEVICE)
+    rule = dict(pos_index=torch.randint(0, N, (B,), device=DEVICE), pos_score=torch.randn(B, device=DEVICE),
+                doc_owner=torch.randint(-1, B, (N,), device=DEVICE), doc_key=torch.randint(0, 4, (N,), device=DEVICE),
+                threshold=0.75, margin=0.5, exclude_diagonal=True)
+    seen = {}
+    forward_op, backward_op = infonce._kernel_ops("triton")
+
+    def record(name, op):
+        def call(*args, **kwargs):
+            seen[name] = (len(args), kwargs)
+            return op(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(infonce, "_kernel_ops", lambda backend: (record("fwd", forward_op), record("bwd", backward_op)))
+    loss, _ = infonce_per_query_loss(q, d, 2.0, backend="triton", **rule)
+    loss.sum().backward()
+    expected = {**rule, "pos_key": rule["doc_key"][rule["pos_index"]]}
+    for name, positional in (("fwd", 3), ("bwd", 5)):
+        n_args, kwargs = seen[name]
+        assert n_args == positional, f"{name}: the rule must come by keyword"
+        assert set(kwargs) - {"subtract_positive"} == set(CandidateRule._fields)
+        for field, value in expected.items():
+            got = kwargs[field]
+            assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value, (name, field)
+    assert seen["bwd"][1]["subtract_positive"] is True
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", id="triton")])
+def test_swapping_doc_key_and_pos_key_changes_the_result_correctly(backend):
+    # With B == N both are int64 [B] vectors: passed by position a swap would go unnoticed.
+    # By keyword each call follows its own definition: drop j != pos[i] with doc_key[j] == pos_key[i].
+    B = N = 12
+    q, d = torch.randn(B, 16, device=DEVICE), torch.randn(N, 16, device=DEVICE)
+    pos = torch.randperm(N, device=DEVICE)[:B]
+    keys_a = torch.arange(N, device=DEVICE) % 3  # many duplicates
+    keys_b = torch.arange(N, device=DEVICE) % 5
+    scale = torch.tensor(1.5, device=DEVICE)
+    s = (q.double() @ d.double().T) * 1.5
+    cols = torch.arange(N, device=DEVICE)
+
+    def expected(doc_key, pos_key):
+        keep = (doc_key[None, :] != pos_key[:, None]) | (cols[None, :] == pos[:, None])
+        return torch.logsumexp(torch.where(keep, s, float("-inf")), dim=1).float()
+
+    one, _ = infonce_lse(q, d, scale, pos_index=pos, doc_key=keys_a, pos_key=keys_b, backend=backend)
+    other, _ = infonce_lse(q, d, scale, pos_index=pos, doc_key=keys_b, pos_key=keys_a, backend=backend)
+    torch.testing.assert_close(one, expected(keys_a, keys_b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(other, expected(keys_b, keys_a), rtol=1e-5, atol=1e-5)
+    assert (one - other).abs().max() > 1e-2, "the two rules must differ on this data"
+
+
+def test_candidate_rule_helpers_round_trip():
+    rule = CandidateRule(pos_index=torch.arange(3), doc_key=torch.tensor([4, 5, 4, 6]), threshold=1, margin=None)
+    assert list(rule.keywords()) == list(CandidateRule._fields)
+    assert all(a is b for a, b in zip(rule.with_tensors(rule.tensors()), rule))
+    canonical = rule.canonical()
+    assert isinstance(canonical.threshold, float) and canonical.pos_score is None
+    assert torch.equal(canonical.pos_key, torch.tensor([4, 5, 4]))  # doc_key[pos_index]
+    assert canonical.canonical().pos_key is canonical.pos_key  # resolved once

@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from latentembed.ops._dispatch import select_backend
+from latentembed.ops.dispatch import select_backend
 from latentembed.ops.latent_attention import (
     ATTENTION_BACKENDS,
     cuda as lat_cuda,
     latent_cross_attention,
     latent_cross_attention_ref,
 )
-from tests.ops.test_latent_attention_xattn import (
+from tests.ops.test_latent_attention import (
     check_against_float64,
     check_frozen_folded_matrices,
     make_inputs,

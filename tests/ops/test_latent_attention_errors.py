@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from latentembed.ops._dispatch import BackendUnavailableError
+from latentembed.ops.dispatch import BackendUnavailableError
 from latentembed.ops.latent_attention import (
     ATTENTION_BACKENDS,
     GEGLU_BACKENDS,

@@ -11,7 +11,7 @@ from latentembed.ops.multi_lora import (
     multi_lora_linear_add,
 )
 from latentembed.ops.multi_lora.grouping import BLOCK_M, REDUCE_M
-from latentembed.ops._dispatch import select_backend
+from latentembed.ops.dispatch import select_backend
 
 
 def check_tables(index: torch.Tensor, num_adapters: int):

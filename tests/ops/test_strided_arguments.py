@@ -66,17 +66,29 @@ def _latent_attention_cases(t):
     }
 
 
-def _contrastive_cases(t):
+def _infonce_cases(t):
+    from latentembed.ops.infonce import CandidateRule
+
     B, N, D = 5, 37, 12
     q, d = torch.randn(B, D, device=DEVICE), torch.randn(N, D, device=DEVICE)
     scale = torch.tensor(2.5, device=DEVICE)
-    opts = (torch.randint(0, N, (B,), device=DEVICE), torch.randn(B, device=DEVICE),
-            torch.randint(-1, B, (N,), device=DEVICE), torch.randint(0, 9, (N,), device=DEVICE),
-            torch.randint(0, 9, (B,), device=DEVICE), None, 0.9, True)
-    lse, _, _ = t.infonce_lse_fwd_triton(q, d, scale, *opts)
+    rule = CandidateRule(margin=0.9, exclude_diagonal=True)
+    tensors = (torch.randint(0, N, (B,), device=DEVICE), torch.randn(B, device=DEVICE),
+               torch.randint(-1, B, (N,), device=DEVICE), torch.randint(0, 9, (N,), device=DEVICE),
+               torch.randint(0, 9, (B,), device=DEVICE))
+
+    # The harness spreads positional tensors; the ops take the rule's fields by keyword.
+    def forward(q, d, scale, *rule_tensors):
+        return t.infonce_lse_fwd_triton(q, d, scale, **rule.with_tensors(rule_tensors).keywords())
+
+    def backward(grad, q, d, scale, lse, *rule_tensors):
+        return t.infonce_lse_bwd_triton(grad, q, d, scale, lse, subtract_positive=True,
+                                        **rule.with_tensors(rule_tensors).keywords())
+
+    lse, _, _ = forward(q, d, scale, *tensors)
     return {
-        "infonce_fwd": (t.infonce_lse_fwd_triton, (q, d, scale, *opts)),
-        "infonce_bwd": (t.infonce_lse_bwd_triton, (torch.randn(B, device=DEVICE), q, d, scale, lse, *opts, True)),
+        "infonce_fwd": (forward, (q, d, scale, *tensors)),
+        "infonce_bwd": (backward, (torch.randn(B, device=DEVICE), q, d, scale, lse, *tensors)),
     }
 
 
@@ -97,13 +109,13 @@ def _multi_lora_cases(t):
 
 LAUNCHER_CASES = {
     "masked_mean": _masked_mean_cases, "latent_attention": _latent_attention_cases,
-    "contrastive": _contrastive_cases, "multi_lora": _multi_lora_cases,
+    "infonce": _infonce_cases, "multi_lora": _multi_lora_cases,
 }
 LAUNCHERS = [(op, name) for op, cases in (
     ("masked_mean", ["masked_mean_fwd-padded", "masked_mean_fwd-packed", "masked_mean_bwd-padded",
                      "masked_mean_bwd-packed"]),
     ("latent_attention", ["latent_attn_fwd", "latent_attn_bwd", "geglu_fwd", "geglu_bwd"]),
-    ("contrastive", ["infonce_fwd", "infonce_bwd"]),
+    ("infonce", ["infonce_fwd", "infonce_bwd"]),
     ("multi_lora", ["multi_lora_fwd", "multi_lora_bwd"]),
 ) for name in cases]
 

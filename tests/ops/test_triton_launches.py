@@ -20,12 +20,12 @@ from latentembed.ops import (
     masked_mean_pool,
     multi_lora_linear_add,
 )
-from latentembed.ops._dispatch import device_guard
+from latentembed.ops.dispatch import device_guard
 from tests.ops._common import DEVICE
 
 TRITON_MODULES = [
     importlib.import_module(f"latentembed.ops.{op}.triton")
-    for op in ("masked_mean", "latent_attention", "contrastive", "multi_lora")
+    for op in ("masked_mean", "latent_attention", "infonce", "multi_lora")
 ]
 # CUDA's limit on grid axes 1 and 2 (axis 0 takes 2**31 - 1).
 MAX_GRID_YZ = 65535

@@ -4,7 +4,7 @@ The workload of the targets (GPU, bf16): 4096 queries, 16384 documents laid out 
 positives followed by 3B hard negatives, D = 4096, temperature 0.02; in-batch negatives on, so
 each query scores every document. Every implementation computes the same loss,
 mean_i(lse_i - s_{i,pos} / tau), in forward and forward+backward (gradients of q and d):
-  triton / cuda       latentembed's op with subtract_positive=True (the positive's term fused)
+  triton / cuda       latentembed's infonce_per_query_loss (the positive's term fused)
   ... (gather-dot)    the op's lse minus the positive's score by a separate dot (target shape)
   eager               bf16 matmul, fp32 logits, F.cross_entropy
   eager+compile       torch.compile of the eager loss
@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..ops.contrastive import BACKENDS, infonce_lse
+from ..ops.infonce import BACKENDS, infonce_lse, infonce_per_query_loss
 from .harness import MATMUL_CEILING_TFLOPS, Measurement, measure
 
 OP = "infonce_lse"
@@ -48,9 +48,8 @@ def _ours(backend: str, gather_dot: bool = False) -> Callable:
         scale = scales.get(q.device)
         if scale is None:  # made once: no host-to-device copy inside the timed call
             scale = scales[q.device] = torch.tensor(1.0 / TAU, device=q.device)
-        if not gather_dot:  # the positive's term fused into the op (subtract_positive)
-            per_query, _ = infonce_lse(q, d, scale, pos_index=labels, backend=backend, validate=False,
-                                       subtract_positive=True)
+        if not gather_dot:  # the positive's term fused into the op
+            per_query, _ = infonce_per_query_loss(q, d, scale, pos_index=labels, backend=backend, validate=False)
             return per_query.mean()
         # The positive's score by a differentiable dot, as a loss module may compute it. The
         # layout puts query i's positive at row i: a slice, not a gather copy; its gradient

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..models.config import DecoderConfig
+from ..models.decoder_config import DecoderConfig
 from ..models.decoder import DecoderModel
 from .harness import MATMUL_CEILING_TFLOPS, Measurement, measure
 

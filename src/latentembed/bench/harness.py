@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-# bf16 dense matmul 8192^3 on the H100, measured 2026-11-22 (../shared/notes/baselines.md): the
+# bf16 dense matmul 8192^3 on the H100, measured 2026-11-22 (docs/gpu.md, "Ceilings and baselines"): the
 # ceiling that compute-bound benchmarks report "% of" (bandwidth-bound ones measure the copy
 # bandwidth in the same run instead).
 MATMUL_CEILING_TFLOPS = 707.0

@@ -37,8 +37,8 @@ from safetensors.torch import save_file
 
 from ..atomic_io import atomic_directory, missing_directory_message, read_json
 from ..tokenization import TOKENIZER_FILES
-from .config import DecoderConfig
 from .decoder import DecoderModel
+from .decoder_config import DecoderConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -28,8 +28,8 @@ from ..modules.adapter_routing import checkpoint_context_fn, sequence_layout
 from ..modules.mlp import SwiGLUMLP
 from ..modules.norms import RMSNorm
 from ..modules.rotary import RotaryEmbedding, packed_positions, padded_positions
-from ..ops import _checks
-from .config import DecoderConfig
+from ..ops import checks
+from .decoder_config import DecoderConfig
 
 
 @dataclass
@@ -173,7 +173,7 @@ class DecoderModel(nn.Module):
         mask = None
         if packed:
             self._check_device("cu_seqlens", cu_seqlens)
-            _checks.check_cu_seqlens(cu_seqlens, lead[0], source_name, values=validate)
+            checks.check_cu_seqlens(cu_seqlens, lead[0], source_name, values=validate)
         elif attention_mask is not None:
             self._check_mask(attention_mask, lead, source_name)
             mask = attention_mask.bool()
@@ -212,23 +212,23 @@ class DecoderModel(nn.Module):
     def _check_device(self, name: str, tensor: torch.Tensor) -> None:
         # A tensor elsewhere (meta, another GPU) would be read as garbage by some kernels
         # (an embedding lookup of meta ids returns uninitialised memory) instead of failing.
-        _checks.check_same_device(name, tensor, "the model's parameters", self.embed_tokens.weight)
+        checks.check_same_device(name, tensor, "the model's parameters", self.embed_tokens.weight)
 
     def _check_token_input(self, input_ids, inputs_embeds, packed: bool) -> torch.Tensor:
         """The given one of ``input_ids`` / ``inputs_embeds``, checked (type, shape, dtype, device)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
-            _checks.check_tensor("input_ids", input_ids)
+            checks.check_tensor("input_ids", input_ids)
             want = 1 if packed else 2
             if input_ids.ndim != want:
                 layout = "[T] with cu_seqlens" if packed else "[B, L] (or [T] with cu_seqlens)"
                 raise ValueError(f"input_ids must have {want} dims {layout}, got shape {tuple(input_ids.shape)}")
             if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-                raise TypeError(f"input_ids must be an integer tensor, got {_checks.dtype_name(input_ids.dtype)}")
+                raise TypeError(f"input_ids must be an integer tensor, got {checks.dtype_name(input_ids.dtype)}")
             self._check_device("input_ids", input_ids)
             return input_ids
-        _checks.check_tensor("inputs_embeds", inputs_embeds)
+        checks.check_tensor("inputs_embeds", inputs_embeds)
         want = 2 if packed else 3
         if inputs_embeds.ndim != want or inputs_embeds.shape[-1] != self.config.hidden_size:
             layout = "[T, D]" if packed else "[B, L, D]"
@@ -240,24 +240,24 @@ class DecoderModel(nn.Module):
         return inputs_embeds
 
     def _check_mask(self, mask: torch.Tensor, lead: tuple, source_name: str) -> None:
-        _checks.check_tensor("attention_mask", mask)
+        checks.check_tensor("attention_mask", mask)
         if tuple(mask.shape) != lead:
             raise ValueError(
                 f"attention_mask must have shape [B, L] = {lead} (from {source_name}), got {tuple(mask.shape)}"
             )
         if mask.dtype.is_floating_point or mask.dtype.is_complex:
-            raise TypeError(f"attention_mask must be bool or integer (1 = real), got {_checks.dtype_name(mask.dtype)}")
+            raise TypeError(f"attention_mask must be bool or integer (1 = real), got {checks.dtype_name(mask.dtype)}")
         self._check_device("attention_mask", mask)
 
     def _check_position_ids(self, position_ids: torch.Tensor, lead: tuple, source_name: str) -> None:
-        _checks.check_tensor("position_ids", position_ids)
+        checks.check_tensor("position_ids", position_ids)
         if tuple(position_ids.shape) != lead:
             raise ValueError(
                 f"position_ids must have the shape of {source_name} {lead}, got {tuple(position_ids.shape)}"
             )
         dtype = position_ids.dtype
         if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
-            raise TypeError(f"position_ids must be an integer tensor, got {_checks.dtype_name(dtype)}")
+            raise TypeError(f"position_ids must be an integer tensor, got {checks.dtype_name(dtype)}")
         self._check_device("position_ids", position_ids)
 
     def _check_token_range(self, ids: torch.Tensor) -> None:

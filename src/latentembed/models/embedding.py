@@ -3,7 +3,8 @@
 :class:`EmbeddingModel` is a plain ``nn.Module``: its forward takes token ids (padded or packed)
 and returns one embedding per sequence, so it drops into any training loop; ``encode`` turns
 texts into embeddings with the model's tokenizer, prompts and instruction pool masks.
-Checkpoint reading and writing live in :mod:`latentembed.models.embedding_io`.
+Checkpoint reading and writing live in :mod:`latentembed.models.embedding_io`, below this module:
+:meth:`EmbeddingModel.from_pretrained` hands it the class to build, so it never imports this one.
 """
 
 from __future__ import annotations
@@ -24,22 +25,25 @@ from torch import nn
 from ..modules.adapter_routing import LoRARouting, lora_routing
 from ..modules.attention import packed_backend_available
 from ..modules.lora import apply_multi_lora
-from ..modules.pooling import Pooling, check_pool_mask, l2_normalize
-from ..ops import _checks
+from ..modules.pooling import Pooling
+from ..modules.pooling_functions import check_pool_mask, l2_normalize
+from ..ops import checks
 from ..prompts import get_template, resolve_prompt
 from ..tokenization import (
     PackedBatch,
     TextTokenizer,
     TokenizedTexts,
+    as_tokenizer,
     check_tokenizer_fits,
     pack_sequences,
     tokenize_with_prompts,
 )
-from .config import DecoderConfig
+from . import embedding_io
 from .decoder import DecoderModel
+from .decoder_config import DecoderConfig
 from .embedding_config import EmbeddingConfig, LoRAConfig
 
-__all__ = ["EmbeddingModel", "as_tokenizer"]
+__all__ = ["EmbeddingModel"]
 
 Tasks = Union[None, str, Sequence[Union[str, int]], torch.Tensor]
 
@@ -180,7 +184,7 @@ class EmbeddingModel(nn.Module):
                 packed (with int32 ``cu_seqlens`` [B+1]).
             pool_mask: [B, L] or [T], bool or integer, nonzero = pool this position (e.g. the
                 attention mask with the instruction tokens zeroed); default: every real token.
-                Checked by pool()'s rule (:func:`~latentembed.modules.pooling.check_pool_mask`)
+                Checked by pool()'s rule (:func:`~latentembed.modules.pooling_functions.check_pool_mask`)
                 before the backbone runs.
             max_seqlen: the longest packed sequence (read from cu_seqlens when None).
             tasks: the adapter of each sample (names, ids, ``"base"``; a single name for all),
@@ -192,7 +196,7 @@ class EmbeddingModel(nn.Module):
             [B, D] in the backbone's compute dtype.
         """
         if cu_seqlens is not None:
-            _checks.check_tensor("cu_seqlens", cu_seqlens)
+            checks.check_tensor("cu_seqlens", cu_seqlens)
         if isinstance(tasks, str):
             tasks = [tasks] * (cu_seqlens.shape[0] - 1 if cu_seqlens is not None else input_ids.shape[0])
         if tasks is not None and self.routing is None:
@@ -345,22 +349,17 @@ class EmbeddingModel(nn.Module):
     # -- checkpoints --------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], **kwargs) -> "EmbeddingModel":
-        """Load a local directory; see :func:`latentembed.models.embedding_io.load_embedding_model`."""
-        from .embedding_io import load_embedding_model
-
-        return load_embedding_model(path, **kwargs)
+        """Load a local directory as an instance of ``cls``; arguments and formats:
+        :func:`latentembed.models.embedding_io.load_embedding_model`."""
+        return embedding_io.load_embedding_model(cls, path, **kwargs)
 
     def save_pretrained(self, path: Union[str, Path], **kwargs) -> Path:
         """Write the model; see :func:`latentembed.models.embedding_io.save_embedding_model`."""
-        from .embedding_io import save_embedding_model
-
-        return save_embedding_model(self, path, **kwargs)
+        return embedding_io.save_embedding_model(self, path, **kwargs)
 
     def save_adapters(self, path: Union[str, Path]) -> list:
         """Write every adapter as a PEFT LoRA directory ``path/<adapter>``; returns the paths."""
-        from .embedding_io import save_adapters
-
-        return save_adapters(self, path)
+        return embedding_io.save_adapters(self, path)
 
 
 # One lock per model for encode, kept outside the module: a lock attribute would stop the model
@@ -375,15 +374,6 @@ def _encode_lock(model: EmbeddingModel) -> threading.RLock:
         if lock is None:
             lock = _ENCODE_LOCKS[model] = threading.RLock()
         return lock
-
-
-def as_tokenizer(tokenizer) -> Optional[TextTokenizer]:
-    """``None``, a tokenizer directory / tokenizer.json path, or a tokenizer object -> TextTokenizer."""
-    if tokenizer is None:
-        return None
-    if isinstance(tokenizer, (str, Path)):
-        return TextTokenizer.from_pretrained(tokenizer)
-    return TextTokenizer.wrap(tokenizer)
 
 
 class _Progress:

@@ -1,5 +1,9 @@
 """Reading and writing :class:`~latentembed.models.embedding.EmbeddingModel` directories.
 
+This module sits below :mod:`~latentembed.models.embedding` and never imports it: the class's
+``from_pretrained`` passes itself (``model_class``) to :func:`load_embedding_model`, which builds
+that class (a subclass loads as itself), and ``save_pretrained`` / ``save_adapters`` pass the model.
+
 Formats read by :func:`load_embedding_model` (a local directory, found by what it holds):
 
 * latentembed's own (``latentembed.json`` + ``config.json`` + ``model.safetensors``): the whole
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Mapping, NamedTuple, Optional, TypeVar, Union
 
 import torch
 from safetensors import safe_open
@@ -36,13 +40,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic_io import atomic_directory, missing_directory_message, read_json
+from ..modules.latent_attention_unfolded import NVEMBED_PREFIX
 from ..modules.lora import multi_lora_layers
 from ..modules.peft_interop import load_peft_adapter, save_peft_adapter
 from ..modules.pooling import POOLING_MODES
-from ..tokenization import TextTokenizer, check_tokenizer_fits
+from ..tokenization import TextTokenizer, as_tokenizer, check_tokenizer_fits
 from .checkpoint import CHECKPOINT_ENTRIES, CheckpointError, checkpoint_files, load_state_dict, misfit
-from .config import DecoderConfig
-from .embedding import EmbeddingModel, as_tokenizer
+from .decoder_config import DecoderConfig
 from .embedding_config import EmbeddingConfig
 
 __all__ = ["load_embedding_model", "save_embedding_model", "save_adapters", "ArgumentError", "EMBEDDING_CONFIG_NAME"]
@@ -50,9 +54,11 @@ __all__ = ["load_embedding_model", "save_embedding_model", "save_adapters", "Arg
 EMBEDDING_CONFIG_NAME = "latentembed.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
-_NVEMBED_HEAD = "latent_attention_model."
 _EXTRA = "._extra_state"
 _OVERRIDABLE = ("normalize", "prompt_template", "mask_instruction", "add_eos", "max_length", "causal")
+
+#: The class a loader builds: EmbeddingModel or a subclass (its constructor's signature).
+Model = TypeVar("Model", bound=nn.Module)
 
 
 class ArgumentError(ValueError):
@@ -77,6 +83,7 @@ class ArgumentError(ValueError):
 
 
 def load_embedding_model(
+    model_class: type[Model],
     path: Union[str, Path],
     *,
     pooling: Optional[str] = None,
@@ -87,10 +94,13 @@ def load_embedding_model(
     device: Union[str, torch.device] = "cpu",
     attn_backend: str = "auto",
     **overrides,
-) -> EmbeddingModel:
-    """Build an :class:`EmbeddingModel` from a local directory (formats: module docstring).
+) -> Model:
+    """Build a ``model_class`` (:class:`EmbeddingModel`) from a local directory (formats: module
+    docstring). Called as ``EmbeddingModel.from_pretrained(path, ...)``.
 
     Args:
+        model_class: the class to build, ``EmbeddingModel`` or a subclass (``from_pretrained``
+            passes the class it is called on).
         path: the directory.
         pooling: the pooling of a plain decoder checkpoint (required there); for the other
             formats, if given, it must equal the stored one.
@@ -127,12 +137,14 @@ def load_embedding_model(
     fmt = "own" if own.is_file() else "nvembed" if _is_nvembed(path) else "plain"
     if latent_attention is not None and fmt != "plain":
         raise ValueError(f"latent_attention= describes a new head for a plain decoder; {path} stores its own pooling")
+    target = _Target(model_class=model_class, decoder_config=decoder_config, dtype=dtype, device=device,
+                     attn_backend=attn_backend, overrides=overrides)
     if fmt == "own":
-        model = _load_own(path, own, decoder_config, pooling, dtype, device, attn_backend, overrides)
+        model = _load_own(path, own, pooling=pooling, target=target)
     elif fmt == "nvembed":
-        model = _load_nvembed(path, decoder_config, pooling, dtype, device, attn_backend, overrides)
+        model = _load_nvembed(path, pooling=pooling, target=target)
     else:
-        model = _load_plain(path, decoder_config, pooling, latent_attention, dtype, device, attn_backend, overrides)
+        model = _load_plain(path, pooling=pooling, latent_attention=latent_attention, target=target)
     if adapters:
         _load_peft_adapters(model, adapters)
     model.tokenizer = tokenizer
@@ -141,7 +153,7 @@ def load_embedding_model(
 
 def _is_nvembed(path: Path) -> bool:
     hf = read_json(path / "config.json")
-    return "latent_attention_config" in hf or any(k.startswith(_NVEMBED_HEAD) for k in checkpoint_files(path))
+    return "latent_attention_config" in hf or any(k.startswith(NVEMBED_PREFIX) for k in checkpoint_files(path))
 
 
 def _check_pooling(pooling: Optional[str], stored: str, path: Path) -> None:
@@ -150,12 +162,26 @@ def _check_pooling(pooling: Optional[str], stored: str, path: Path) -> None:
                             "match (the weights depend on it)")
 
 
-def _build(decoder_config, config, attn_backend) -> EmbeddingModel:
-    with torch.device("meta"):  # no allocation, no random init: every tensor comes from disk
-        return EmbeddingModel(decoder_config, config, attn_backend=attn_backend)
+class _Target(NamedTuple):
+    """What every format's loader builds: a ``model_class`` of this backbone, with parameters of
+    ``dtype`` (``None``: as stored) on ``device``, and the caller's EmbeddingConfig overrides."""
+
+    model_class: type
+    decoder_config: DecoderConfig
+    dtype: Optional[torch.dtype]
+    device: Union[str, torch.device]
+    attn_backend: str
+    overrides: dict
+
+    def build(self, config: EmbeddingConfig) -> nn.Module:
+        """The model of ``config``, on the meta device: no allocation, no random init (every
+        tensor comes from disk)."""
+        with torch.device("meta"):
+            return self.model_class(self.decoder_config, config, attn_backend=self.attn_backend)
 
 
-def _load_own(path, config_file, decoder_config, pooling, dtype, device, attn_backend, overrides) -> EmbeddingModel:
+def _load_own(path: Path, config_file: Path, *, pooling: Optional[str], target: _Target) -> nn.Module:
+    dtype, device, overrides = target.dtype, target.device, target.overrides
     saved = read_json(config_file)
     if saved.get("format") != "latentembed" or saved.get("version") != FORMAT_VERSION:
         raise ValueError(f"{config_file}: expected format 'latentembed' version {FORMAT_VERSION}, "
@@ -173,7 +199,7 @@ def _load_own(path, config_file, decoder_config, pooling, dtype, device, attn_ba
         given = f" with overrides {sorted(overrides)}" if overrides else ""
         raise ValueError(f"{config_file}: 'embedding'{given}: {e}") from None
     _check_pooling(pooling, config.pooling, path)
-    model = _build(decoder_config, config, attn_backend)
+    model = target.build(config)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found")
@@ -191,22 +217,23 @@ def _load_own(path, config_file, decoder_config, pooling, dtype, device, attn_ba
     return model
 
 
-def _load_nvembed(path, decoder_config, pooling, dtype, device, attn_backend, overrides) -> EmbeddingModel:
+def _load_nvembed(path: Path, *, pooling: Optional[str], target: _Target) -> nn.Module:
+    dtype, device, decoder_config = target.dtype, target.device, target.decoder_config
     _check_pooling(pooling, "latent_attention", path)
     files = checkpoint_files(path)
     hf = read_json(path / "config.json")
-    head = {k[len(_NVEMBED_HEAD):]: k for k in files if k.startswith(_NVEMBED_HEAD)}
+    head = {k[len(NVEMBED_PREFIX):]: k for k in files if k.startswith(NVEMBED_PREFIX)}
     if not head:
-        raise CheckpointError(f"{path}: config.json has latent_attention_config but no {_NVEMBED_HEAD}* tensors")
+        raise CheckpointError(f"{path}: config.json has latent_attention_config but no {NVEMBED_PREFIX}* tensors")
     shapes = {}
     for file in sorted({files[k] for k in head.values()}):
         with safe_open(file, framework="pt") as f:
             shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k in set(head.values())})
     # Shapes from the tensors themselves (the config's fields have been renamed across versions).
     try:
-        num_latents, latent_dim = shapes[_NVEMBED_HEAD + "latents"]
-        inner = shapes[_NVEMBED_HEAD + "cross_attend_blocks.0.fn.to_q.weight"][0]
-        ff_width = shapes[_NVEMBED_HEAD + "cross_attend_blocks.1.fn.net.0.weight"][0]
+        num_latents, latent_dim = shapes[NVEMBED_PREFIX + "latents"]
+        inner = shapes[NVEMBED_PREFIX + "cross_attend_blocks.0.fn.to_q.weight"][0]
+        ff_width = shapes[NVEMBED_PREFIX + "cross_attend_blocks.1.fn.net.0.weight"][0]
     except KeyError as e:
         raise CheckpointError(f"{path}: latent-attention head lacks {e.args[0]}") from None
     lat_cfg = hf.get("latent_attention_config") or {}
@@ -219,8 +246,8 @@ def _load_nvembed(path, decoder_config, pooling, dtype, device, attn_backend, ov
         "pooling": "latent_attention", "latent_attention": latent,
         "normalize": bool(lat_cfg.get("output_normalize", True)), "prompt_template": "nvembed",
         "mask_instruction": "nvembed_compat" if hf.get("is_mask_instruction", True) else "none",
-        "add_eos": bool(hf.get("add_eos", True)), **overrides})
-    model = _build(decoder_config, config, attn_backend)
+        "add_eos": bool(hf.get("add_eos", True)), **target.overrides})
+    model = target.build(config)
     model.backbone.checkpoint_format = load_state_dict(model.backbone, path, dtype=dtype, device=device,
                                                        prefix="embedding_model.")
     block = model.pooling.latent_attention
@@ -236,14 +263,15 @@ def _load_nvembed(path, decoder_config, pooling, dtype, device, attn_backend, ov
     return model
 
 
-def _load_plain(path, decoder_config, pooling, latent_attention, dtype, device, attn_backend, overrides) -> EmbeddingModel:
+def _load_plain(path: Path, *, pooling: Optional[str], latent_attention: Optional[dict], target: _Target) -> nn.Module:
+    dtype, device = target.dtype, target.device
     if pooling is None:
         raise ArgumentError("pooling", None, f"{path} is a plain decoder checkpoint: choose its pooling with {{arg}} "
                             f"(one of {', '.join(POOLING_MODES)})")
     if pooling not in POOLING_MODES:
         raise ArgumentError("pooling", pooling, f"{{arg}} is not a pooling mode; expected one of {', '.join(POOLING_MODES)}")
-    config = EmbeddingConfig(pooling=pooling, latent_attention=latent_attention, **overrides)
-    model = _build(decoder_config, config, attn_backend)
+    config = EmbeddingConfig(pooling=pooling, latent_attention=latent_attention, **target.overrides)
+    model = target.build(config)
     model.backbone.checkpoint_format = load_state_dict(model.backbone, path, dtype=dtype, device=device)
     if config.pooling == "latent_attention":
         # a new head, randomly initialised for training, where the backbone's tensors are
@@ -267,7 +295,7 @@ def _peft_modules(directory: Path) -> tuple[list, int]:
     return sorted(modules), rank
 
 
-def _load_peft_adapters(model: EmbeddingModel, adapters: Mapping[str, Union[str, Path]]) -> None:
+def _load_peft_adapters(model: nn.Module, adapters: Mapping[str, Union[str, Path]]) -> None:
     found = {name: _peft_modules(Path(p)) for name, p in adapters.items()}
     # PEFT trained on a *ForCausalLM (or NV-Embed) names the backbone "model." (or
     # "embedding_model."): a container with that child name lets the names line up unchanged.
@@ -287,7 +315,7 @@ def _load_peft_adapters(model: EmbeddingModel, adapters: Mapping[str, Union[str,
         load_peft_adapter(container, p, name)
 
 
-def save_embedding_model(model: EmbeddingModel, path: Union[str, Path], *, save_tokenizer: bool = True) -> Path:
+def save_embedding_model(model: nn.Module, path: Union[str, Path], *, save_tokenizer: bool = True) -> Path:
     """Write ``model`` as directory ``path`` in latentembed's own format (exact round trip through
     :func:`load_embedding_model`): ``config.json``, ``latentembed.json``, ``model.safetensors``
     and the tokenizer files when the model has a tokenizer (and ``save_tokenizer``).
@@ -321,7 +349,7 @@ def _is_adapter_dir(entry: Path) -> bool:
     return entry.is_dir() and not entry.is_symlink() and (entry / "adapter_config.json").is_file()
 
 
-def save_adapters(model: EmbeddingModel, path: Union[str, Path]) -> list:
+def save_adapters(model: nn.Module, path: Union[str, Path]) -> list:
     """Every adapter of ``model`` as a PEFT directory ``path/<adapter>`` (module names relative
     to the backbone, as PEFT writes for a HF ``*Model``). Returns the directories.
 

@@ -36,17 +36,35 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ..ops.multi_lora import group_by_adapter
+from ..ops.multi_lora import LoRAGrouping, group_by_adapter
 
-__all__ = ["LoRARouting", "Tasks", "checkpoint_context_fn", "lora_routing", "model_routings", "sequence_layout"]
+__all__ = ["LoRARouting", "RoutedRows", "Tasks", "checkpoint_context_fn", "lora_routing", "model_routings",
+           "sequence_layout"]
 
 Tasks = Union[torch.Tensor, Sequence[Union[str, int]]]
+
+
+class RoutedRows(NamedTuple):
+    """The adapters of the N rows of one layer input, as a MultiLoRALinear runs them.
+
+    Attributes:
+        index: [N] int64 adapter id of each row (-1: base only), on the input's device; ``None``
+            when the layer needs no per-row ids (a merged adapter).
+        grouping: the rows grouped by adapter (``group_by_adapter``), or ``None`` when no row
+            uses an adapter.
+        present: the adapter ids the rows use (a merged layer checks it against its adapter);
+            ``None`` where it was not needed and not computed (ids given to an unmerged layer).
+    """
+
+    index: Optional[torch.Tensor]
+    grouping: Optional[LoRAGrouping]
+    present: Optional[frozenset]
 
 
 def in_backward_pass() -> bool:
@@ -295,6 +313,37 @@ class LoRARouting:
         elif hit[2] and (len(lead) == 0 or lead[0] != self._index.shape[0]):
             self.row_index(lead, what)  # same row count, other layout: raises if it does not fit
         return hit[0], hit[1]
+
+    def routed_rows(self, lead: torch.Size, device: torch.device, what: str) -> Optional[RoutedRows]:
+        """The adapters of a layer input's N = prod(lead) rows under the routing set for this
+        forward or, for a layer re-run by unaware checkpointing code, under the latest routing
+        (the fallback of the module docstring); ``None`` when no routing applies. ``what`` names
+        the layer in errors."""
+        if self.active:
+            return RoutedRows(*self.grouping(lead, device, what), self._present)
+        replay = self.recompute_state()
+        if replay is None:
+            return None
+        saved = self._state()
+        self._restore(replay)
+        try:
+            return RoutedRows(*self.grouping(lead, device, what), self._present)
+        finally:
+            self._restore(saved)
+
+    def default_rows(self, lead: torch.Size, device: torch.device, what: str) -> RoutedRows:
+        """Every row of a layer input on ``default_adapter`` (which must be set). A constant
+        routing: grouped once per row count and device, and kept across forwards."""
+        default = self.default_adapter
+        if default is None:
+            raise ValueError("default_rows needs a default_adapter")
+        key = (default, math.prod(lead), device)
+        hit = self._default_groupings.get(key)
+        if hit is None:
+            index = torch.full((key[1],), default, dtype=torch.int64, device=device)
+            grouping = group_rows(index, self.num_adapters, what) if default >= 0 else None
+            hit = self._default_groupings[key] = RoutedRows(index, grouping, frozenset({default}))
+        return hit
 
     def recompute_state(self) -> Optional[tuple]:
         """The routing a layer re-run by unaware checkpointing code should use (the fallback

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._dispatch import Backend, BackendUnavailableError
+from ..ops.dispatch import Backend, BackendUnavailableError
 from .rotary import apply_rotary
 
 ATTENTION_BACKENDS = ("flash", "varlen", "sdpa", "math")

@@ -1,8 +1,9 @@
 """NV-Embed latent-attention pooling, computed on pooled tokens only with both projections folded.
 
 Same parameters (names, shapes, init) and same result as the public block
-(:class:`~latentembed.modules.latent_attention_reference.LatentAttentionPoolingReference`), with
-the algebra of ../shared/notes/reference-facts.md:
+(:class:`~latentembed.modules.latent_attention_unfolded.UnfoldedLatentAttentionPooling`), with
+the algebra derived step by step in docs/ops/latent_attention.md ("Derivation: what the fast
+module may skip"):
 
 * the block is token-wise, so only the rows inside the pool mask are computed (packed);
 * K and V of the latents depend on weights only: projected once per call, not per sequence;
@@ -21,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..ops import _checks
+from ..ops import checks
 from ..ops.latent_attention import geglu_segment_mean, latent_cross_attention
 from ..ops.masked_mean import masked_mean_pool
-from .latent_attention_reference import LatentAttentionParameters
-from .pooling import l2_normalize, pack_pool_rows
+from .latent_attention_unfolded import LatentAttentionParameters
+from .pooling_functions import l2_normalize, pack_pool_rows
 
 __all__ = ["LatentAttentionPooling"]
 
@@ -172,8 +173,8 @@ class LatentAttentionPooling(LatentAttentionParameters):
         param_dtype = self.latents.dtype
         if hidden.dtype != param_dtype:
             raise TypeError(
-                f"hidden has dtype {_checks.dtype_name(hidden.dtype)} but the module's parameters are "
-                f"{_checks.dtype_name(param_dtype)}: convert one of them (e.g. module.to(hidden.dtype)) "
+                f"hidden has dtype {checks.dtype_name(hidden.dtype)} but the module's parameters are "
+                f"{checks.dtype_name(param_dtype)}: convert one of them (e.g. module.to(hidden.dtype)) "
                 "or run under torch.autocast"
             )
         return hidden.dtype
@@ -187,13 +188,7 @@ class LatentAttentionPooling(LatentAttentionParameters):
         validate: bool = True,
     ) -> torch.Tensor:
         """Pool ``hidden`` (see the class docstring). ``validate`` checks cu_seqlens' values."""
-        packed = cu_seqlens is not None
-        self._check_hidden(hidden, pool_mask, packed)
-        if packed:
-            _checks.check_same_device("cu_seqlens", cu_seqlens, "hidden", hidden)
-            _checks.check_cu_seqlens(cu_seqlens, hidden.shape[0], "hidden", values=validate)
-        elif hidden.shape[0] == 0:
-            raise ValueError(f"hidden has an empty batch (B = 0), shape {tuple(hidden.shape)}")
+        self.check_inputs(hidden, pool_mask, cu_seqlens, validate=validate)
         if self.latents.device != hidden.device:
             raise ValueError(f"hidden is on {hidden.device} but the module's parameters are on {self.latents.device}")
         cdt = self._compute_dtype(hidden)

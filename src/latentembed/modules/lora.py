@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.multi_lora import multi_lora_linear_add
-from .adapter_routing import LoRARouting, group_rows, lora_routing, match_rows
+from .adapter_routing import LoRARouting, RoutedRows, group_rows, lora_routing, match_rows
 
 __all__ = ["LoRARouting", "MultiLoRALinear", "apply_multi_lora", "lora_routing", "multi_lora_layers"]
 
@@ -229,9 +229,10 @@ class MultiLoRALinear(nn.Module):
         self.weight.copy_((self.weight.to(delta.dtype) - delta).to(self.weight.dtype))
         self.merged_adapter = None
 
-    def _routed(self, x: torch.Tensor, adapter_index: Optional[torch.Tensor]):
-        """(index [N] or None, grouping or None, adapter ids present or None) for this call;
-        ``present`` is only computed (and only needed) while an adapter is merged."""
+    def _routed(self, x: torch.Tensor, adapter_index: Optional[torch.Tensor]) -> RoutedRows:
+        """The adapters of this call's rows: from ``adapter_index``, else the shared routing, else
+        the merged adapter, else the routing's default. ``present`` is only computed (and only
+        needed) while an adapter is merged."""
         lead = x.shape[:-1]
         what = self._what()
         routing = self.routing
@@ -243,38 +244,20 @@ class MultiLoRALinear(nn.Module):
                 present = frozenset(torch.unique(index).tolist())  # the one host sync
                 if present:
                     routing.check_ids(min(present), max(present), "adapter_index")
-                return None, None, present
+                return RoutedRows(None, None, present)
             # The one host sync: group_by_adapter reads the counts and checks the id range.
             grouping = group_rows(index, self.num_adapters, what)
-            return index, (grouping if grouping.num_active else None), None
-        if routing.active:
-            index, grouping = routing.grouping(lead, x.device, what)
-            return index, grouping, routing._present
-        replay = routing.recompute_state()
-        if replay is not None:
-            # Re-run by checkpointing code that did not record the routing (see
-            # lora_routing.checkpoint_context_fn for the exact way): use the latest one.
-            saved = routing._state()
-            routing._restore(replay)
-            try:
-                index, grouping = routing.grouping(lead, x.device, what)
-                return index, grouping, routing._present
-            finally:
-                routing._restore(saved)
+            return RoutedRows(index, grouping if grouping.num_active else None, None)
+        routed = routing.routed_rows(lead, x.device, what)
+        if routed is not None:
+            return routed
         if self.merged_adapter is not None:
-            return None, None, frozenset({self.merged_adapter})
-        default = routing.default_adapter
-        if default is None:
+            return RoutedRows(None, None, frozenset({self.merged_adapter}))
+        if routing.default_adapter is None:
             raise RuntimeError(f"{what}: no adapter routing is set. Call the model inside "
                                "`with lora_routing(model, tasks):`, pass adapter_index=, or give the routing a "
                                "default_adapter (-1 = base only)")
-        key = (default, math.prod(lead), x.device)
-        hit = routing._default_groupings.get(key)
-        if hit is None:  # constant routing: group once, keep it across forwards
-            index = torch.full((key[1],), default, dtype=torch.int64, device=x.device)
-            hit = routing._default_groupings[key] = (
-                index, group_rows(index, self.num_adapters, what) if default >= 0 else None)
-        return hit[0], hit[1], frozenset({default})
+        return routing.default_rows(lead, x.device, what)
 
     def forward(self, x: torch.Tensor, adapter_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != self.in_features:

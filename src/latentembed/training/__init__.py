@@ -1,6 +1,15 @@
-"""Training of embedding models: data loading (:mod:`latentembed.training.data`) and the trainer
-(:mod:`latentembed.training.trainer`, ``python -m latentembed train``)."""
+"""Training of embedding models (``python -m latentembed train``).
 
-from .trainer import TrainConfig, train
+:mod:`~latentembed.training.trainer` (:func:`train`) runs these steps, one module each:
+:mod:`.config` (:class:`TrainConfig` and the checks that need no data), :mod:`.data` (JSONL
+rows, bundled sets, batches), :mod:`.plan` (the run's rows and stage plan), :mod:`.model_setup`
+(model, template, what trains), :mod:`.distributed` (process group, DDP), :mod:`.state` (the
+run's objects and the loop's position), :mod:`.steps` (one batch's loss and optimizer step),
+:mod:`.loop` (stages, schedule, logging), :mod:`.held_out` (evaluation), :mod:`.output`
+(``--output DIR``); :mod:`.tiny` is the demo's model and :mod:`.cli` the command line.
+"""
+
+from .config import TrainConfig
+from .trainer import train
 
 __all__ = ["TrainConfig", "train"]

@@ -15,8 +15,10 @@ import sys
 from typing import Optional, Sequence
 
 from .._cli_types import cli_flag, nonnegative_int, positive_float, positive_int
+from ..models.embedding_config import DEFAULT_LORA_TARGETS
 from ..models.embedding_io import ArgumentError
-from .trainer import DEFAULT_LORA_TARGETS, TrainConfig, train
+from .config import TrainConfig
+from .trainer import train
 
 __all__ = ["main", "build_parser", "config_from_args"]
 

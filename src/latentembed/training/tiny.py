@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Sequence
 
-from ..models.config import DecoderConfig
+from ..models.decoder_config import DecoderConfig
 from ..models.embedding import EmbeddingModel
 from ..models.embedding_config import EmbeddingConfig
 from ..prompts import get_template, resolve_prompt

@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from .. import _checks
-from .._dispatch import cuda_backend, reference_backend, select_backend, triton_backend
+from .. import checks
+from ..dispatch import cuda_backend, reference_backend, select_backend, triton_backend
 from . import cuda
 from .reference import geglu, geglu_segment_mean_ref, latent_cross_attention_ref
 
@@ -50,7 +50,7 @@ def _triton_attention_supports(num_latents: int) -> Optional[str]:
 _REFERENCE = reference_backend()
 
 # Triton first: it fuses the LayerNorm into the score GEMM; the CUDA backend runs its GEMMs in
-# cuBLAS around memory-bound kernels (see csrc/latent_attention/bindings.cpp).
+# cuBLAS around memory-bound kernels (see csrc/latent_attention/latent_cross_attention_host.cpp).
 ATTENTION_BACKENDS = (
     triton_backend(supports=_triton_attention_supports),
     cuda_backend(),
@@ -67,17 +67,16 @@ GEGLU_BACKENDS = (
 BACKENDS = {"latent_cross_attention": ATTENTION_BACKENDS, "geglu_segment_mean": GEGLU_BACKENDS}
 
 
-def _triton():
-    from . import triton  # on first use: importing triton takes a while
+def _kernels(backend: str) -> dict:
+    """``{op: (forward, backward)}`` of a kernel backend (``"triton"`` or ``"cuda"``), for the
+    two ops ``"attention"`` and ``"geglu"``."""
+    if backend == "triton":
+        from . import triton as t  # on first use: importing triton takes a while
 
-    return triton
-
-
-def _attention_kernels(name: str):
-    if name == "triton":
-        t = _triton()
-        return t.latent_attn_fwd_triton, t.latent_attn_bwd_triton
-    return cuda.latent_attn_fwd_cuda, cuda.latent_attn_bwd_cuda
+        return {"attention": (t.latent_attn_fwd_triton, t.latent_attn_bwd_triton),
+                "geglu": (t.geglu_segment_mean_fwd_triton, t.geglu_segment_mean_bwd_triton)}
+    return {"attention": (cuda.latent_attn_fwd_cuda, cuda.latent_attn_bwd_cuda),
+            "geglu": (cuda.geglu_segment_mean_fwd_cuda, cuda.geglu_segment_mean_bwd_cuda)}
 
 
 class LatentCrossAttentionFunction(torch.autograd.Function):
@@ -90,7 +89,7 @@ class LatentCrossAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ln_weight, ln_bias, m, u, eps: float, backend: str):
-        forward, _ = _attention_kernels(backend)
+        forward, _ = _kernels(backend)["attention"]
         y, probs, mean, rstd = forward(x, ln_weight, ln_bias, m, u, eps)
         ctx.save_for_backward(x, ln_weight, ln_bias, m, u, probs, mean, rstd)
         ctx.backend = backend
@@ -100,18 +99,11 @@ class LatentCrossAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, ln_weight, ln_bias, m, u, probs, mean, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
-        _, backward = _attention_kernels(ctx.backend)
+        _, backward = _kernels(ctx.backend)["attention"]
         dx, dw, db, dm, du = backward(
             grad_y.contiguous(), x, ln_weight, ln_bias, m, u, probs, mean, rstd, need[3], need[4]
         )
         return dx, dw, db, dm if need[3] else None, du if need[4] else None, None, None
-
-
-def _geglu_kernels(name: str):
-    if name == "triton":
-        t = _triton()
-        return t.geglu_segment_mean_fwd_triton, t.geglu_segment_mean_bwd_triton
-    return cuda.geglu_segment_mean_fwd_cuda, cuda.geglu_segment_mean_bwd_cuda
 
 
 class GegluSegmentMeanFunction(torch.autograd.Function):
@@ -123,7 +115,7 @@ class GegluSegmentMeanFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, cu_seqlens, backend: str):
-        forward, _ = _geglu_kernels(backend)
+        forward, _ = _kernels(backend)["geglu"]
         ctx.save_for_backward(a, cu_seqlens)
         ctx.backend = backend
         return forward(a, cu_seqlens)
@@ -131,31 +123,31 @@ class GegluSegmentMeanFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         a, cu_seqlens = ctx.saved_tensors
-        _, backward = _geglu_kernels(ctx.backend)
+        _, backward = _kernels(ctx.backend)["geglu"]
         return backward(grad_out.contiguous(), a, cu_seqlens), None, None
 
 
 def _check_attention_args(x, ln_weight, ln_bias, m, u) -> None:
-    _checks.check_tensor("x", x)
-    _checks.check_floating("x", x)
-    _checks.check_ndim("x", x, 2, "[T, D] (packed pooled rows)")
+    checks.check_tensor("x", x)
+    checks.check_floating("x", x)
+    checks.check_ndim("x", x, 2, "[T, D] (packed pooled rows)")
     D = x.shape[1]
     if D == 0:
         raise ValueError(f"x must have D >= 1 features, got shape {tuple(x.shape)}")
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        _checks.check_tensor(name, t)
-        _checks.check_floating(name, t)
-        _checks.check_same_device(name, t, "x", x)
+        checks.check_tensor(name, t)
+        checks.check_floating(name, t)
+        checks.check_same_device(name, t, "x", x)
         if tuple(t.shape) != (D,):
             raise ValueError(
                 f"{name} must have shape [D] = ({D},) to match x {tuple(x.shape)}, "
                 f"got {tuple(t.shape)}"
             )
     for name, t in (("m", m), ("u", u)):
-        _checks.check_tensor(name, t)
-        _checks.check_floating(name, t)
-        _checks.check_same_device(name, t, "x", x)
-        _checks.check_ndim(name, t, 3, "[H, R, D] (heads, latents, features)")
+        checks.check_tensor(name, t)
+        checks.check_floating(name, t)
+        checks.check_same_device(name, t, "x", x)
+        checks.check_ndim(name, t, 3, "[H, R, D] (heads, latents, features)")
         if t.shape[2] != D:
             raise ValueError(
                 f"{name} must have shape [H, R, D] with D = {D} (x's features, x shape "
@@ -223,17 +215,17 @@ def latent_cross_attention(
 
 
 def _check_geglu_args(a, cu_seqlens, validate: bool) -> None:
-    _checks.check_tensor("a", a)
-    _checks.check_floating("a", a)
-    _checks.check_ndim("a", a, 2, "[T, 2F] (value half, then gate half)")
+    checks.check_tensor("a", a)
+    checks.check_floating("a", a)
+    checks.check_ndim("a", a, 2, "[T, 2F] (value half, then gate half)")
     if a.shape[1] == 0 or a.shape[1] % 2 != 0:
         raise ValueError(
             f"a must have an even number 2F >= 2 of columns ([value, gate] halves), "
             f"got shape {tuple(a.shape)}"
         )
-    _checks.check_tensor("cu_seqlens", cu_seqlens)
-    _checks.check_same_device("cu_seqlens", cu_seqlens, "a", a)
-    _checks.check_cu_seqlens(cu_seqlens, a.shape[0], "a", values=validate)
+    checks.check_tensor("cu_seqlens", cu_seqlens)
+    checks.check_same_device("cu_seqlens", cu_seqlens, "a", a)
+    checks.check_cu_seqlens(cu_seqlens, a.shape[0], "a", values=validate)
 
 
 def geglu_segment_mean(

@@ -8,7 +8,7 @@ the ops without running them.
   contract as the Triton launchers (forward returns ``(y, P, mean, rstd)``, P [T, H*R] in x's
   dtype, mean/rstd [T] float32, saved for the backward). The GEMMs run in cuBLAS through ATen,
   the LayerNorm, per-head softmax and their backwards in the extension's kernels (see the header
-  of csrc/latent_attention/bindings.cpp).
+  of csrc/latent_attention/latent_cross_attention_host.cpp).
 * ``geglu_segment_mean_fwd_cuda`` / ``geglu_segment_mean_bwd_cuda``.
 """
 

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from .._dispatch import device_guard, triton_interpreting
+from ..dispatch import device_guard, triton_interpreting
 from ._shapes import grad_a_shape, segment_mean_shape
 
 

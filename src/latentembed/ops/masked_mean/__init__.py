@@ -10,8 +10,8 @@ from typing import Optional
 
 import torch
 
-from .. import _checks
-from .._dispatch import cuda_backend, reference_backend, select_backend, triton_backend
+from .. import checks
+from ..dispatch import cuda_backend, reference_backend, select_backend, triton_backend
 from . import cuda
 from .reference import masked_mean_pool_ref
 
@@ -58,32 +58,11 @@ class MaskedMeanFunction(torch.autograd.Function):
 
 
 def _check_args(hidden, mask, cu_seqlens, validate: bool) -> None:
-    _checks.check_tensor("hidden", hidden)
-    _checks.check_floating("hidden", hidden)
-    if cu_seqlens is not None:
-        if mask is not None:
-            raise ValueError("pass either mask (padded input) or cu_seqlens (packed input), not both")
-        _checks.check_ndim("hidden", hidden, 2, "[T, D] when cu_seqlens is given")
-        _checks.check_same_device("cu_seqlens", cu_seqlens, "hidden", hidden)
-        _checks.check_cu_seqlens(cu_seqlens, hidden.shape[0], "hidden", values=validate)
-    else:
-        _checks.check_ndim("hidden", hidden, 3, "[B, L, D] (or [T, D] with cu_seqlens)")
-        if hidden.shape[0] == 0:
-            raise ValueError(f"hidden has an empty batch (B = 0), shape {tuple(hidden.shape)}")
-        if mask is not None:
-            _checks.check_tensor("mask", mask)
-            if mask.dtype.is_floating_point or mask.dtype.is_complex:
-                raise TypeError(
-                    "mask must be bool or an integer dtype (1 = keep), got "
-                    f"{_checks.dtype_name(mask.dtype)}; use mask.bool() for 0/1 masks"
-                )
-            _checks.check_ndim("mask", mask, 2, "[B, L]")
-            if tuple(mask.shape) != tuple(hidden.shape[:2]):
-                raise ValueError(
-                    f"mask shape {tuple(mask.shape)} does not match hidden's [B, L] = "
-                    f"{tuple(hidden.shape[:2])} (hidden shape {tuple(hidden.shape)})"
-                )
-            _checks.check_same_device("mask", mask, "hidden", hidden)
+    if cu_seqlens is not None and mask is not None:
+        raise ValueError("pass either mask (padded input) or cu_seqlens (packed input), not both")
+    checks.check_hidden_states(hidden, cu_seqlens, validate=validate)
+    if mask is not None:
+        checks.check_row_mask("mask", mask, hidden, packed=False, keeps="keep")
     if hidden.shape[-1] == 0:
         raise ValueError(f"hidden must have D >= 1 features, got shape {tuple(hidden.shape)}")
 

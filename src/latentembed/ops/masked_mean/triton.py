@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from .._dispatch import device_guard, triton_interpreting
+from ..dispatch import device_guard, triton_interpreting
 from ._shapes import grad_hidden_shape, pooled_shape
 
 

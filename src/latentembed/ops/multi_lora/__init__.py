@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 
-from .. import _checks
-from .._dispatch import reference_backend, select_backend, triton_backend
+from .. import checks
+from ..dispatch import reference_backend, select_backend, triton_backend
 from .grouping import BLOCK_M, REDUCE_M, LoRAGrouping, group_by_adapter
 from .reference import multi_lora_linear_add_ref
 
@@ -84,24 +84,24 @@ class MultiLoRAFunction(torch.autograd.Function):
 
 def _check_args(base_out, x, lora_a, lora_b, scaling, grouping) -> None:
     for name, value in (("base_out", base_out), ("x", x), ("lora_a", lora_a), ("lora_b", lora_b), ("scaling", scaling)):
-        _checks.check_tensor(name, value)
+        checks.check_tensor(name, value)
     if not isinstance(grouping, LoRAGrouping):
         raise TypeError(
             f"grouping must be the LoRAGrouping returned by group_by_adapter, got {type(grouping).__name__}"
         )
-    _checks.check_floating("x", x)
-    _checks.check_ndim("x", x, 2, "[N, in]")
-    _checks.check_ndim("base_out", base_out, 2, "[N, out]")
-    _checks.check_ndim("lora_a", lora_a, 3, "[T, R, in]")
-    _checks.check_ndim("lora_b", lora_b, 3, "[T, out, R]")
-    _checks.check_ndim("scaling", scaling, 1, "[T]")
+    checks.check_floating("x", x)
+    checks.check_ndim("x", x, 2, "[N, in]")
+    checks.check_ndim("base_out", base_out, 2, "[N, out]")
+    checks.check_ndim("lora_a", lora_a, 3, "[T, R, in]")
+    checks.check_ndim("lora_b", lora_b, 3, "[T, out, R]")
+    checks.check_ndim("scaling", scaling, 1, "[T]")
     for name, value in (("base_out", base_out), ("lora_a", lora_a), ("lora_b", lora_b)):
         if value.dtype != x.dtype:
             raise TypeError(
-                f"{name} must have x's dtype ({_checks.dtype_name(x.dtype)}), got {_checks.dtype_name(value.dtype)}"
+                f"{name} must have x's dtype ({checks.dtype_name(x.dtype)}), got {checks.dtype_name(value.dtype)}"
             )
     if not scaling.dtype.is_floating_point:
-        raise TypeError(f"scaling must be a float tensor (float32), got {_checks.dtype_name(scaling.dtype)}")
+        raise TypeError(f"scaling must be a float tensor (float32), got {checks.dtype_name(scaling.dtype)}")
     n, d_in = x.shape
     t, r, a_in = lora_a.shape
     if t < 1 or r < 1:
@@ -127,7 +127,7 @@ def _check_args(base_out, x, lora_a, lora_b, scaling, grouping) -> None:
         raise ValueError(f"grouping was built for T = {grouping.num_adapters} adapters, lora_a has T = {t}")
     for name, value in (("base_out", base_out), ("lora_a", lora_a), ("lora_b", lora_b), ("scaling", scaling),
                         ("grouping.sorted_rows", grouping.sorted_rows)):
-        _checks.check_same_device(name, value, "x", x)
+        checks.check_same_device(name, value, "x", x)
 
 
 def multi_lora_linear_add(

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _checks
+from .. import checks
 
 #: Rows per tile of the forward/backward kernels; every block holds rows of one adapter only.
 BLOCK_M = 64
@@ -91,13 +91,13 @@ def group_by_adapter(adapter_index: torch.Tensor, num_adapters: int) -> LoRAGrou
         >>> g.sorted_rows.tolist(), g.segment_offsets.tolist()
         ([2, 4, 0, 3, 1], [0, 2, 2, 4])
     """
-    _checks.check_tensor("adapter_index", adapter_index)
+    checks.check_tensor("adapter_index", adapter_index)
     if adapter_index.dtype.is_floating_point or adapter_index.dtype.is_complex or adapter_index.dtype == torch.bool:
         raise TypeError(
             "adapter_index must have an integer dtype (int64 preferred), got "
-            f"{_checks.dtype_name(adapter_index.dtype)}"
+            f"{checks.dtype_name(adapter_index.dtype)}"
         )
-    _checks.check_ndim("adapter_index", adapter_index, 1, "[N] (one adapter per row)")
+    checks.check_ndim("adapter_index", adapter_index, 1, "[N] (one adapter per row)")
     if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
         raise ValueError(f"num_adapters must be an int >= 1, got {num_adapters!r}")
     index = adapter_index.long()

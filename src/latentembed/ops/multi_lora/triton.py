@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from .._dispatch import device_guard, triton_interpreting
+from ..dispatch import device_guard, triton_interpreting
 from .grouping import BLOCK_M
 
 # (SUB_M, BLOCK_K, BLOCK_N, SPLIT_N, num_warps, num_stages) tried by the autotuner on the GPU.
