@@ -49,7 +49,9 @@ SESSION_SEED = int(os.environ.get("LATENTEMBED_TEST_SEED", int.from_bytes(os.ura
 
 
 def pytest_report_header(config):
-    return f"latentembed: LATENTEMBED_TEST_SEED={SESSION_SEED}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+    return (
+        f"latentembed: LATENTEMBED_TEST_SEED={SESSION_SEED}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -29,17 +29,23 @@ from pathlib import Path
 import torch
 
 from latentembed.models.checkpoint import load_decoder, save_decoder
-from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.decoder import DecoderModel
+from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.embedding import EmbeddingModel
 from latentembed.models.embedding_config import EmbeddingConfig
 from latentembed.tokenization import TextTokenizer
-from latentembed.training.tiny import tiny_model, train_tokenizer
 from latentembed.training.config import TrainConfig
 from latentembed.training.output import save_output
+from latentembed.training.tiny import tiny_model, train_tokenizer
 
-SIZES = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128)
+SIZES = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 
 def _randomize(module: torch.nn.Module) -> None:
@@ -59,17 +65,24 @@ def _files(path: Path) -> dict:
 
 
 def _tensors(module: torch.nn.Module) -> dict:
-    return {k: hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-            for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+    return {
+        k: hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        for k, v in module.state_dict().items()
+        if isinstance(v, torch.Tensor)
+    }
 
 
 def _loaded_model(path: Path) -> dict:
     model = EmbeddingModel.from_pretrained(path)
-    return {"config": model.config.to_dict(), "tensors": _tensors(model),
-            "tokenizer": None if model.tokenizer is None else model.tokenizer.tokenizer.to_str()}
+    return {
+        "config": model.config.to_dict(),
+        "tensors": _tensors(model),
+        "tokenizer": None if model.tokenizer is None else model.tokenizer.tokenizer.to_str(),
+    }
 
 
 # -- the scenarios: two versions, how to save one, what a directory holds ------------------------
+
 
 def _model_versions() -> dict:
     tok = TextTokenizer(_wordpiece(), bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]")
@@ -105,8 +118,10 @@ def _train_versions() -> dict:
     _randomize(a)
     _randomize(b)
     metrics = lambda n: {"loss_history": [{"stage": 1, "step": i + 1, "loss": random.random()} for i in range(n)]}  # noqa: E731
-    return {"a": (a, TrainConfig(seed=1, lora_rank=4), metrics(3), False),
-            "b": (b, TrainConfig(seed=2), metrics(5), True)}
+    return {
+        "a": (a, TrainConfig(seed=1, lora_rank=4), metrics(3), False),
+        "b": (b, TrainConfig(seed=2), metrics(5), True),
+    }
 
 
 def _save_model(version, path: Path) -> None:
@@ -138,14 +153,21 @@ def _state_train(path: Path) -> dict:
 
 def _expected_model(version) -> dict:
     tok = version.tokenizer
-    return {"config": version.config.to_dict(), "tensors": _tensors(version),
-            "tokenizer": None if tok is None else tok.tokenizer.to_str()}
+    return {
+        "config": version.config.to_dict(),
+        "tensors": _tensors(version),
+        "tokenizer": None if tok is None else tok.tokenizer.to_str(),
+    }
 
 
 SCENARIOS = {
     "model": (_model_versions, _save_model, _state_model, lambda v: {"loaded": _expected_model(v)}),
-    "decoder": (_decoder_versions, _save_decoder, _state_decoder,
-                lambda v: {"config": v[0].config.to_hf_dict(), "tensors": _tensors(v[0])}),
+    "decoder": (
+        _decoder_versions,
+        _save_decoder,
+        _state_decoder,
+        lambda v: {"config": v[0].config.to_hf_dict(), "tensors": _tensors(v[0])},
+    ),
     "train_output": (_train_versions, _save_train, _state_train, lambda v: {"model": _expected_model(v[0])}),
 }
 
@@ -222,9 +244,18 @@ def run(scenario: str, root: Path, trials: int, seed: int) -> dict:
         killed = os.WIFSIGNALED(status)
         leftovers = _leftovers(root)
         state, reason = classify(state_fn, refs, target)
-        out["trials"].append({"delay_s": delay, "killed": killed, "exit": None if killed else os.WEXITSTATUS(status),
-                              "old": current, "new": new, "state": state, "reason": reason,
-                              "leftovers": leftovers})
+        out["trials"].append(
+            {
+                "delay_s": delay,
+                "killed": killed,
+                "exit": None if killed else os.WEXITSTATUS(status),
+                "old": current,
+                "new": new,
+                "state": state,
+                "reason": reason,
+                "leftovers": leftovers,
+            }
+        )
         if state == "neither":
             break  # what the next trial replaces is unknown
         current = state

@@ -15,8 +15,15 @@ import pytest
 import torch
 
 from latentembed import atomic_io
-from latentembed.atomic_io import (atomic_directory, atomic_write_bytes, atomic_write_json, check_replaceable,
-                                   interrupted_save, read_json, recover)
+from latentembed.atomic_io import (
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_replaceable,
+    interrupted_save,
+    read_json,
+    recover,
+)
 
 LINUX = sys.platform.startswith("linux")
 
@@ -46,6 +53,7 @@ def swap_path(request, monkeypatch):
 
 
 # -- files ------------------------------------------------------------------------------------------
+
 
 def test_atomic_write_replaces_a_file_and_leaves_no_temporary(tmp_path):
     data = _random_bytes(3001)
@@ -81,6 +89,7 @@ def test_read_json_names_the_file(tmp_path):
 
 
 # -- directories ------------------------------------------------------------------------------------
+
 
 def test_atomic_directory_replaces_the_whole_directory(tmp_path, swap_path):
     target = tmp_path / "d"
@@ -158,6 +167,7 @@ def test_the_exchange_swaps_two_directories(tmp_path):
 
 # -- recovery ---------------------------------------------------------------------------------------
 
+
 def test_recover_restores_and_removes_what_dead_saves_left(tmp_path):
     host, dead = atomic_io._HOST, _dead_pid()
     target = tmp_path / "d"
@@ -230,8 +240,9 @@ def test_killed_directory_saves_leave_one_whole_version(tmp_path, mode):
     rng = random.Random(int(torch.randint(0, 2**31 - 1, ()).item()))
     seen_leftovers = 0
     for trial in range(12):
-        child = subprocess.Popen([sys.executable, "-c", _CHILD, atomic_io.__file__, str(target), mode],
-                                 stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, atomic_io.__file__, str(target), mode], stdout=subprocess.PIPE, text=True
+        )
         assert child.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.002, 0.05))
         child.send_signal(signal.SIGKILL)

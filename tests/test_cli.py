@@ -39,7 +39,9 @@ def test_bench_writes_table_and_json(tmp_path):
     assert all(r["median_ms"] > 0 and r["gbps"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("args, message", [(["bench", "--op", "nope"], "unknown op"), (["frobnicate"], "invalid choice")])
+@pytest.mark.parametrize(
+    "args, message", [(["bench", "--op", "nope"], "unknown op"), (["frobnicate"], "invalid choice")]
+)
 def test_cli_rejects_bad_arguments(args, message):
     result = run_cli(*args)
     assert result.returncode != 0

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from latentembed.evaluation.cli import main as eval_main
-from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.checkpoint import save_decoder
 from latentembed.models.decoder import DecoderModel
+from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.embedding import EmbeddingModel
 from latentembed.models.embedding_config import EmbeddingConfig
 from latentembed.tokenization import TextTokenizer
@@ -17,8 +17,14 @@ from tests.tokenizer_helpers import raw_tokenizer
 
 
 def _config() -> DecoderConfig:
-    return DecoderConfig(vocab_size=200, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1)
+    return DecoderConfig(
+        vocab_size=200,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +44,14 @@ def dirs(tmp_path_factory):
     return root, data
 
 
-@pytest.mark.parametrize("kind, extra, expected", [
-    ("own", ["--pooling", "last"], "--pooling last does not match"),
-    ("plain", [], "choose its pooling with --pooling"),
-    ("plain", ["--pooling", "avg"], "--pooling avg is not a pooling mode"),
-])
+@pytest.mark.parametrize(
+    "kind, extra, expected",
+    [
+        ("own", ["--pooling", "last"], "--pooling last does not match"),
+        ("plain", [], "choose its pooling with --pooling"),
+        ("plain", ["--pooling", "avg"], "--pooling avg is not a pooling mode"),
+    ],
+)
 def test_train_and_eval_name_the_pooling_flag(dirs, capsys, kind, extra, expected):
     root, data = dirs
     assert train_main(["--model", str(root / kind), "--stage2-data", "none", "--steps", "1", *extra]) == 2

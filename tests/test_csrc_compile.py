@@ -62,23 +62,20 @@ def _cuda_include_dir() -> Optional[str]:
 def _run(cmd: list[str]) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
     if result.returncode != 0:
-        pytest.fail(
-            f"compile failed (exit {result.returncode}): {' '.join(cmd)}\n"
-            f"{result.stdout}{result.stderr}"
-        )
+        pytest.fail(f"compile failed (exit {result.returncode}): {' '.join(cmd)}\n{result.stdout}{result.stderr}")
 
 
 def test_kernel_sources_exist():
     assert CU_FILES, f"no .cu files under {CSRC}"
     assert CPP_FILES, f"no .cpp bindings under {CSRC}"
-    missing = sorted({str(p.parent.relative_to(CSRC)) for p in CU_FILES} - {
-        str(p.parent.relative_to(CSRC)) for p in CPP_FILES if p.name == "bindings.cpp"})
+    missing = sorted(
+        {str(p.parent.relative_to(CSRC)) for p in CU_FILES}
+        - {str(p.parent.relative_to(CSRC)) for p in CPP_FILES if p.name == "bindings.cpp"}
+    )
     assert not missing, f"op folders without bindings.cpp: {missing}"
 
 
-@pytest.mark.parametrize(
-    "source", KERNEL_SOURCES, ids=[str(p.relative_to(CSRC)) for p in KERNEL_SOURCES]
-)
+@pytest.mark.parametrize("source", KERNEL_SOURCES, ids=[str(p.relative_to(CSRC)) for p in KERNEL_SOURCES])
 def test_kernel_sources_include_no_torch_header(source: Path):
     # The .cu files compile alone with plain nvcc (CPU CI has no CUDA build of torch); torch glue
     # belongs in the .cpp files.
@@ -92,8 +89,16 @@ def test_cu_compiles_with_nvcc(cu_file: Path, tmp_path: Path):
     if nvcc is None:
         pytest.skip("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
     _run(
-        [nvcc, "-arch=sm_90", "-std=c++17", *TORCH_NVCC_DEFINES, "-c", str(cu_file),
-         "-o", str(tmp_path / (cu_file.stem + ".o"))]
+        [
+            nvcc,
+            "-arch=sm_90",
+            "-std=c++17",
+            *TORCH_NVCC_DEFINES,
+            "-c",
+            str(cu_file),
+            "-o",
+            str(tmp_path / (cu_file.stem + ".o")),
+        ]
     )
 
 

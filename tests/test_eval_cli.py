@@ -17,8 +17,12 @@ DOCS = [
     ("tokens", "Tokenizers", "Tokenizers split text into tokens; offsets map each token back to its characters."),
     ("pooling", "", "Latent attention pooling, mean pooling and last-token pooling give sentence vectors."),
 ]
-QUERIES = [("q1", "what is the capital of france?"), ("q2", "how do I bake bread?"),
-           ("q3", "what do tokenizers do?"), ("q4", "a query nobody judged")]
+QUERIES = [
+    ("q1", "what is the capital of france?"),
+    ("q2", "how do I bake bread?"),
+    ("q3", "what do tokenizers do?"),
+    ("q4", "a query nobody judged"),
+]
 QRELS = [("q1", "paris", 1), ("q2", "bread", 2), ("q2", "fox", 0), ("q3", "tokens", 1), ("q4", "fox", 0)]
 
 
@@ -32,10 +36,17 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_cli")
     tok = build_tokenizer("bpe", root / "tokenizer")
     torch.manual_seed(0)
-    cfg = DecoderConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                        num_attention_heads=2, num_key_value_heads=1)
-    model = EmbeddingModel(cfg, EmbeddingConfig(pooling="mean", prompt_template="e5"),
-                           tokenizer=TextTokenizer.from_pretrained(tok))
+    cfg = DecoderConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    model = EmbeddingModel(
+        cfg, EmbeddingConfig(pooling="mean", prompt_template="e5"), tokenizer=TextTokenizer.from_pretrained(tok)
+    )
     model.save_pretrained(root / "model")
     return root / "model"
 
@@ -53,8 +64,23 @@ def data_files(tmp_path):
 
 def test_eval_cli_end_to_end(model_dir, data_files, tmp_path, capsys):
     out = tmp_path / "scores.json"
-    argv = ["--model", str(model_dir), *data_files, "--task", "retrieval", "--k", "1,3,10",
-            "--batch-size", "2", "--max-length", "64", "--device", "cpu", "--json", str(out)]
+    argv = [
+        "--model",
+        str(model_dir),
+        *data_files,
+        "--task",
+        "retrieval",
+        "--k",
+        "1,3,10",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "64",
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+    ]
     assert latentembed_main(["eval", *argv]) == 0
     printed = capsys.readouterr().out
     assert "ndcg" in printed and "mrr" in printed and "recall" in printed and "@10" in printed
@@ -64,22 +90,46 @@ def test_eval_cli_end_to_end(model_dir, data_files, tmp_path, capsys):
     assert set(result["metrics"]) == {f"{m}@{k}" for m in ("ndcg", "mrr", "recall") for k in (1, 3, 10)}
     assert all(0.0 <= v <= 1.0 for v in result["metrics"].values())
     assert result["metrics"]["recall@10"] == 1.0  # 5 documents, all retrieved
-    assert (result["num_queries"], result["num_queries_skipped"], result["num_docs"], result["embedding_dim"]) == (3, 1, 5, 32)
+    assert (result["num_queries"], result["num_queries_skipped"], result["num_docs"], result["embedding_dim"]) == (
+        3,
+        1,
+        5,
+        32,
+    )
 
     # the same numbers as the library call on the same model and data
     from latentembed.models.embedding import EmbeddingModel
 
     model = EmbeddingModel.from_pretrained(model_dir, device="cpu")
     corpus, queries, qrels = load_retrieval_dataset(*data_files[1::2])
-    direct = evaluate_retrieval(model, corpus, queries, qrels, k_values=(1, 3, 10), batch_size=2,
-                                query_kwargs={"task": "retrieval", "max_length": 64}, doc_kwargs={"max_length": 64})
+    direct = evaluate_retrieval(
+        model,
+        corpus,
+        queries,
+        qrels,
+        k_values=(1, 3, 10),
+        batch_size=2,
+        query_kwargs={"task": "retrieval", "max_length": 64},
+        doc_kwargs={"max_length": 64},
+    )
     for key, value in result["metrics"].items():
         assert value == pytest.approx(direct[key], abs=1e-6), key
 
 
 def test_eval_cli_instruction_and_doc_task(model_dir, data_files, capsys):
-    argv = ["--model", str(model_dir), *data_files, "--instruction", "Find the passage that answers",
-            "--doc-task", "document", "--dtype", "float32", "--k", "5"]
+    argv = [
+        "--model",
+        str(model_dir),
+        *data_files,
+        "--instruction",
+        "Find the passage that answers",
+        "--doc-task",
+        "document",
+        "--dtype",
+        "float32",
+        "--k",
+        "5",
+    ]
     assert main(argv) == 0
     assert "@5" in capsys.readouterr().out
 

@@ -35,8 +35,9 @@ def test_corpus_with_latin1_bytes_names_file_and_line(tmp_path, name):
 
 
 def test_queries_and_tsv_qrels_with_latin1_bytes_name_file_and_line(tmp_path):
-    path = _latin1_file(tmp_path / "queries.jsonl", ['{"_id": "q1", "text": "a"}'],
-                        '{"_id": "q2", "text": "\u00e9"}', 2)
+    path = _latin1_file(
+        tmp_path / "queries.jsonl", ['{"_id": "q1", "text": "a"}'], '{"_id": "q2", "text": "\u00e9"}', 2
+    )
     with pytest.raises(DatasetFormatError, match=rf"{path}:2: not UTF-8"):
         load_queries(path)
     path = _latin1_file(tmp_path / "test.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t1"], "q\u00e9\td2\t1", 3)
@@ -53,8 +54,9 @@ def test_damaged_gzip_names_the_file(tmp_path):
 
 
 def test_cli_latin1_corpus_reports_file_line(model_dir, data_files, tmp_path, capsys):  # noqa: F811
-    path = _latin1_file(tmp_path / "c.jsonl", ['{"_id": "paris", "text": "Paris."}'],
-                        '{"_id": "b", "text": "\u00e9"}', 2)
+    path = _latin1_file(
+        tmp_path / "c.jsonl", ['{"_id": "paris", "text": "Paris."}'], '{"_id": "b", "text": "\u00e9"}', 2
+    )
     assert main(["--model", str(model_dir), "--corpus", str(path), *data_files[2:]]) == 1
     assert f"{path}:2: not UTF-8" in capsys.readouterr().err
 
@@ -68,12 +70,17 @@ def count_encoded(monkeypatch):
     def counting(self, texts, **kwargs):
         seen.extend([texts] if isinstance(texts, str) else texts)
         return encode(self, texts, **kwargs)
+
     monkeypatch.setattr(EmbeddingModel, "encode", counting)
     return seen
 
 
-def test_cli_unknown_task_fails_before_the_corpus_is_encoded(model_dir, data_files, capsys,  # noqa: F811
-                                                             count_encoded):
+def test_cli_unknown_task_fails_before_the_corpus_is_encoded(
+    model_dir,
+    data_files,
+    capsys,
+    count_encoded,
+):
     assert main(["--model", str(model_dir), *data_files, "--task", "no-such-task"]) == 1
     assert "no-such-task" in capsys.readouterr().err
     assert len(count_encoded) <= 2, f"{len(count_encoded)} texts encoded before the task was refused"
@@ -83,11 +90,17 @@ def test_cli_unknown_task_fails_before_the_corpus_is_encoded(model_dir, data_fil
 def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the check")
+
     monkeypatch.setattr(EmbeddingModel, "from_pretrained", classmethod(refuse))
 
 
-def test_cli_unwritable_json_fails_before_the_model_loads(model_dir, data_files, tmp_path, capsys,  # noqa: F811
-                                                          no_model_load):
+def test_cli_unwritable_json_fails_before_the_model_loads(
+    model_dir,
+    data_files,
+    tmp_path,
+    capsys,
+    no_model_load,
+):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     assert main(["--model", str(model_dir), *data_files, "--json", str(blocker / "scores.json")]) == 1
@@ -96,8 +109,13 @@ def test_cli_unwritable_json_fails_before_the_model_loads(model_dir, data_files,
     assert "is a directory" in capsys.readouterr().err
 
 
-def test_cli_qrels_without_relevant_documents_fail_before_the_model_loads(model_dir, data_files, tmp_path,  # noqa: F811
-                                                                         capsys, no_model_load):
+def test_cli_qrels_without_relevant_documents_fail_before_the_model_loads(
+    model_dir,
+    data_files,
+    tmp_path,  # noqa: F811
+    capsys,
+    no_model_load,
+):
     qrels = tmp_path / "zero.tsv"
     qrels.write_text("query-id\tcorpus-id\tscore\nq1\tparis\t0\nq2\tbread\t0\n")
     assert main(["--model", str(model_dir), *data_files[:4], "--qrels", str(qrels)]) == 1

@@ -61,8 +61,16 @@ def test_queries_blank_lines_and_gzip(tmp_path):
         (['{"_id": "d1", "title": 3, "text": "x"}'], r"corpus.jsonl:1: field 'title' must be a string"),
         (['{"_id": ["d1"], "text": "x"}'], r"corpus.jsonl:1: field '_id' must be a string id"),
         (['{"_id": "", "text": "x"}'], r"corpus.jsonl:1: field '_id' is empty"),
-        (['{"_id": "d1", "text": "a"}', '{"_id": "d1", "text": "b"}'], r"corpus.jsonl:2: duplicate document id 'd1' \(first at .*corpus.jsonl:1\)"),
-        (['{"_id": "d1", "text": "a"', ], r"corpus.jsonl:1: invalid JSON"),
+        (
+            ['{"_id": "d1", "text": "a"}', '{"_id": "d1", "text": "b"}'],
+            r"corpus.jsonl:2: duplicate document id 'd1' \(first at .*corpus.jsonl:1\)",
+        ),
+        (
+            [
+                '{"_id": "d1", "text": "a"',
+            ],
+            r"corpus.jsonl:1: invalid JSON",
+        ),
         (['["d1", "a"]'], r"corpus.jsonl:1: expected a JSON object, got list"),
     ],
 )
@@ -101,11 +109,17 @@ def test_qrels_jsonl_tsv_and_sniffing_agree(tmp_path):
 @pytest.mark.parametrize(
     "lines,message",
     [
-        (["query-id\tcorpus-id\tscore", "q1\td1"], r"test.tsv:2: expected 3 tab-separated fields, got missing field 'score'"),
+        (
+            ["query-id\tcorpus-id\tscore", "q1\td1"],
+            r"test.tsv:2: expected 3 tab-separated fields, got missing field 'score'",
+        ),
         (["q1\td1\t1"], r"test.tsv:1: expected the TSV header"),
         (["query-id\tcorpus-id\tscore", "q1\td1\thigh"], r"test.tsv:2: score must be an integer, got 'high'"),
         (["query-id\tcorpus-id\tscore", "q1\td1\t1.5"], r"test.tsv:2: score must be an integer"),
-        (["query-id\tcorpus-id\tscore", "q1\td1\t1", "", "q1\td1\t2"], r"test.tsv:4: duplicate qrels row for query 'q1', document 'd1'"),
+        (
+            ["query-id\tcorpus-id\tscore", "q1\td1\t1", "", "q1\td1\t2"],
+            r"test.tsv:4: duplicate qrels row for query 'q1', document 'd1'",
+        ),
         (["query-id\tcorpus-id\tscore", "\td1\t1"], r"test.tsv:2: field 'query-id' is empty"),
     ],
 )
@@ -122,8 +136,10 @@ def test_qrels_jsonl_errors_and_unknown_ids(tmp_path):
     path = _jsonl(tmp_path / "qrels.jsonl", [{"query-id": "q1", "score": 1}])
     with pytest.raises(DatasetFormatError, match=r"qrels.jsonl:1: missing field 'corpus-id'"):
         load_qrels(path)
-    path = _jsonl(tmp_path / "qrels.jsonl", [{"query-id": "q1", "corpus-id": "d1", "score": 1.0},
-                                             {"query-id": "q9", "corpus-id": "d1", "score": 1}])
+    path = _jsonl(
+        tmp_path / "qrels.jsonl",
+        [{"query-id": "q1", "corpus-id": "d1", "score": 1.0}, {"query-id": "q9", "corpus-id": "d1", "score": 1}],
+    )
     assert load_qrels(path) == {"q1": {"d1": 1}, "q9": {"d1": 1}}
     with pytest.raises(DatasetFormatError, match=r"qrels.jsonl:2: unknown query id 'q9'"):
         load_qrels(path, query_ids={"q1"})

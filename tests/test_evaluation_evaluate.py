@@ -87,8 +87,16 @@ def test_matches_brute_force_run(as_numpy):
 
 def test_query_and_doc_kwargs_and_run():
     model = HashedBagOfWords()
-    out = evaluate_retrieval(model, CORPUS, QUERIES, QRELS, k_values=(2,), query_kwargs={"prefix": "query: "},
-                             doc_kwargs={"prefix": "passage: "}, return_run=True)
+    out = evaluate_retrieval(
+        model,
+        CORPUS,
+        QUERIES,
+        QRELS,
+        k_values=(2,),
+        query_kwargs={"prefix": "query: "},
+        doc_kwargs={"prefix": "passage: "},
+        return_run=True,
+    )
     assert [c["prefix"] for c in model.calls] == ["passage: ", "query: "] * 2
     run = out["run"]
     assert set(run) == {"q_france", "q_memory", "q_tea", "q_whale"}
@@ -102,8 +110,9 @@ def test_ignore_identical_ids():
     model = HashedBagOfWords()
     kept = evaluate_retrieval(model, corpus, QUERIES, QRELS, k_values=(1, 3), return_run=True)
     assert kept["run"]["q_tea"][0][0] == "q_tea" and len(kept["run"]["q_tea"]) == 3
-    dropped = evaluate_retrieval(model, corpus, QUERIES, QRELS, k_values=(1, 3), return_run=True,
-                                 ignore_identical_ids=True)
+    dropped = evaluate_retrieval(
+        model, corpus, QUERIES, QRELS, k_values=(1, 3), return_run=True, ignore_identical_ids=True
+    )
     deeper = evaluate_retrieval(model, corpus, QUERIES, QRELS, k_values=(4,), return_run=True)["run"]["q_tea"]
     assert dropped["run"]["q_tea"] == [(d, s) for d, s in deeper if d != "q_tea"][:3]
     assert len(dropped["run"]["q_tea"]) == 3 and "q_tea" not in [d for d, _ in dropped["run"]["q_tea"]]

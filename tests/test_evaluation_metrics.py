@@ -39,7 +39,9 @@ def test_no_relevant_in_top_k_and_k_larger_than_list():
 def test_ties_keep_given_order_and_ranked_list_used_as_given():
     qrels = {"q": {"b": 1}}
     # (doc, score) pairs are stably sorted by decreasing score: c, a, b.
-    assert retrieval_metrics({"q": [("a", 0.5), ("b", 0.5), ("c", 0.9)]}, qrels, (10,))["mrr@10"] == pytest.approx(1 / 3)
+    assert retrieval_metrics({"q": [("a", 0.5), ("b", 0.5), ("c", 0.9)]}, qrels, (10,))["mrr@10"] == pytest.approx(
+        1 / 3
+    )
     # the same scores given in another order: c, b, a.
     assert retrieval_metrics({"q": [("b", 0.5), ("a", 0.5), ("c", 0.9)]}, qrels, (10,))["mrr@10"] == 0.5
     # plain id lists are not re-sorted.

@@ -41,7 +41,10 @@ def test_rare_ties_topk_path_matches_brute_force(device, duplicates):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "Q,N,D,k",
-    [pytest.param(*s, id="Q{}-N{}-D{}-k{}".format(*s)) for s in [(1, 1, 1, 1), (3, 127, 5, 10), (17, 50, 33, 50), (5, 9, 60, 100), (2, 300, 3, 7)]],
+    [
+        pytest.param(*s, id="Q{}-N{}-D{}-k{}".format(*s))
+        for s in [(1, 1, 1, 1), (3, 127, 5, 10), (17, 50, 33, 50), (5, 9, 60, 100), (2, 300, 3, 7)]
+    ],
 )
 @pytest.mark.parametrize("chunk_size", [1, 7, 1000], ids=lambda c: f"chunk{c}")
 def test_matches_topk_and_breaks_ties_by_lower_index(device, Q, N, D, k, chunk_size):

@@ -5,7 +5,12 @@ import json
 import pytest
 
 from latentembed.prompts import (
-    TEMPLATES, PromptTemplate, ResolvedPrompt, TaskPrompt, get_template, resolve_prompt,
+    TEMPLATES,
+    PromptTemplate,
+    ResolvedPrompt,
+    TaskPrompt,
+    get_template,
+    resolve_prompt,
 )
 
 
@@ -18,7 +23,8 @@ def test_builtin_template_names():
 @pytest.mark.parametrize("name", ["nvembed", "e5"])
 def test_instruct_query_templates(name):
     assert resolve_prompt(name, instruction="Find the answer") == ResolvedPrompt(
-        "Instruct: Find the answer\nQuery: ", None)
+        "Instruct: Find the answer\nQuery: ", None
+    )
     for task in ("retrieval", "sts", "classification", "clustering"):
         r = resolve_prompt(name, task=task)
         assert r.prefix.startswith("Instruct: ") and r.prefix.endswith("\nQuery: ")
@@ -37,8 +43,10 @@ def test_documents_have_no_prefix_by_default():
 
 
 def test_instructor():
-    r = resolve_prompt("instructor", instruction=dict(domain="Wikipedia", text_type="question",
-                                                      objective="retrieving supporting documents"))
+    r = resolve_prompt(
+        "instructor",
+        instruction=dict(domain="Wikipedia", text_type="question", objective="retrieving supporting documents"),
+    )
     assert r.prefix == "Represent the Wikipedia question for retrieving supporting documents: "
     # a plain string is the whole instruction
     assert resolve_prompt("instructor", instruction="Represent the title: ").prefix == "Represent the title: "
@@ -62,8 +70,10 @@ def test_jina_v3_tasks_select_adapters():
     assert set(TEMPLATES["jina-v3"].tasks) == tasks
     for task in tasks:
         assert resolve_prompt("jina-v3", task=task).adapter == task
-    assert resolve_prompt("jina-v3", task="retrieval.query").prefix == \
-        "Represent the query for retrieving evidence documents: "
+    assert (
+        resolve_prompt("jina-v3", task="retrieval.query").prefix
+        == "Represent the query for retrieving evidence documents: "
+    )
     assert resolve_prompt("jina-v3", task="retrieval.passage").prefix == "Represent the document for retrieval: "
     assert resolve_prompt("jina-v3", task="text-matching").prefix == ""
     # an explicit instruction keeps the task's adapter
@@ -101,11 +111,15 @@ def test_bad_argument_types():
 
 
 def test_custom_template_and_dict_round_trip():
-    t = PromptTemplate("mine", "Task: {instruction}\n", {
-        "qa": TaskPrompt("answer the question"),
-        "doc": TaskPrompt(prefix="passage: ", adapter="docs"),
-        "plain": {"instruction": "as a dict"},
-    })
+    t = PromptTemplate(
+        "mine",
+        "Task: {instruction}\n",
+        {
+            "qa": TaskPrompt("answer the question"),
+            "doc": TaskPrompt(prefix="passage: ", adapter="docs"),
+            "plain": {"instruction": "as a dict"},
+        },
+    )
     assert isinstance(t.tasks["plain"], TaskPrompt)
     assert resolve_prompt(t, task="qa") == ResolvedPrompt("Task: answer the question\n", None)
     assert resolve_prompt(t, task="doc") == ResolvedPrompt("passage: ", "docs")
@@ -113,7 +127,7 @@ def test_custom_template_and_dict_round_trip():
     assert PromptTemplate.from_dict(d) == t and get_template(d) == t
     assert hash(PromptTemplate.from_dict(d)) == hash(t)
     assert resolve_prompt(d, task="plain").prefix == "Task: as a dict\n"
-    for name, builtin in TEMPLATES.items():  # every built-in round-trips
+    for builtin in TEMPLATES.values():  # every built-in round-trips
         assert PromptTemplate.from_dict(json.loads(json.dumps(builtin.to_dict()))) == builtin
     with pytest.raises(ValueError, match="unknown PromptTemplate keys"):
         PromptTemplate.from_dict({"name": "x", "format": "{instruction}"})

@@ -30,8 +30,13 @@ def _seed() -> int:
 
 
 def _run_worker(scenario: str, root: Path, trials: int = TRIALS) -> dict:
-    done = subprocess.run([sys.executable, "-m", "tests.sigkill_worker", scenario, str(root), str(trials), str(_seed())],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.sigkill_worker", scenario, str(root), str(trials), str(_seed())],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -63,8 +68,23 @@ def test_killed_train_output_saves_leave_one_whole_run(tmp_path):
     target = tmp_path / "target"
     old = _state_train(target)
     seed = _seed()
-    cmd = [sys.executable, "-m", "latentembed", "train", "--steps", "2", "--stage2-steps", "0", "--no-eval",
-           "--batch-size", "4", "--seed", str(seed), "--output", str(target)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "latentembed",
+        "train",
+        "--steps",
+        "2",
+        "--stage2-steps",
+        "0",
+        "--no-eval",
+        "--batch-size",
+        "4",
+        "--seed",
+        str(seed),
+        "--output",
+        str(target),
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -82,9 +102,15 @@ def test_killed_train_output_saves_leave_one_whole_run(tmp_path):
     assert _leftovers(tmp_path) == []
     new = _state_train(target)
     if new != old:  # then the whole new run: every file of it, none of the old one's
-        assert set(new["files"]) == {"train_config.json", "metrics.json", "model/config.json",
-                                     "model/latentembed.json", "model/model.safetensors",
-                                     "model/tokenizer.json", "model/tokenizer_config.json"}, new["files"]
+        assert set(new["files"]) == {
+            "train_config.json",
+            "metrics.json",
+            "model/config.json",
+            "model/latentembed.json",
+            "model/model.safetensors",
+            "model/tokenizer.json",
+            "model/tokenizer_config.json",
+        }, new["files"]
         assert json.loads((target / "train_config.json").read_text())["seed"] == seed
         assert len(json.loads((target / "metrics.json").read_text())["loss_history"]) == 2
         assert new["files"]["model/model.safetensors"] != old["files"]["model/model.safetensors"]

@@ -183,8 +183,7 @@ def private_uses(modules: dict) -> list[str]:
             owner = _attribute_module(node.value, bound, modules)
             if owner is not None:
                 sub = f"{owner}.{node.attr}"
-                problem = _private_module_problem(module.name, sub) if sub in modules else \
-                    f"uses {owner}.{node.attr}"
+                problem = _private_module_problem(module.name, sub) if sub in modules else f"uses {owner}.{node.attr}"
                 if problem is not None:
                     problems.append(f"{where}:{node.lineno}: {problem}")
             elif node.attr in elsewhere and node.attr not in defined[module.name] and not _is_self(node.value):
@@ -237,8 +236,9 @@ def upward_imports(modules: dict) -> list[str]:
         for imp in imports_of(module, modules):
             theirs = layer_of(imp.target)
             if theirs is not None and theirs > own:
-                problems.append(f"{_where(module)}:{imp.line}: {module.name.split('.')[1]} "
-                                f"imports {imp.target} (a higher layer)")
+                problems.append(
+                    f"{_where(module)}:{imp.line}: {module.name.split('.')[1]} imports {imp.target} (a higher layer)"
+                )
     return sorted(problems)
 
 
@@ -254,8 +254,10 @@ def test_no_private_names_across_files():
 
 def test_layers_import_downward_only():
     found = upward_imports(load_modules())
-    assert not found, "upward imports (ops < modules, prompts, tokenization < models < training, evaluation):\n" + \
-        "\n".join("  " + p for p in found)
+    assert not found, (
+        "upward imports (ops < modules, prompts, tokenization < models < training, evaluation):\n"
+        + "\n".join("  " + p for p in found)
+    )
 
 
 def test_the_checker_sees_lazy_relative_and_private_imports():
@@ -267,18 +269,24 @@ def test_the_checker_sees_lazy_relative_and_private_imports():
     def package(name: str, text: str = "") -> Module:
         return Module(name, Path(*name.split("."), "__init__.py"), True, ast.parse(text))
 
-    fake = {m.name: m for m in (
-        package("latentembed"),
-        package("latentembed.ops", "from . import _private\nfrom ._private import helper\n"),
-        module("latentembed.ops._private", "def helper(): pass\ndef _hidden(): pass\n"),
-        package("latentembed.modules"),
-        module("latentembed.modules.a", "from ..ops import _private\nfrom ..ops._private import _hidden\n"
-                                        "def f():\n    from . import b\n    from ..models import m\n"
-                                        "    return _private._hidden\ndef g(obj):\n    return obj._state\n"),
-        module("latentembed.modules.b", "from .a import f\nclass B:\n    def _state(self): pass\n"),
-        package("latentembed.models"),
-        module("latentembed.models.m"),
-    )}
+    fake = {
+        m.name: m
+        for m in (
+            package("latentembed"),
+            package("latentembed.ops", "from . import _private\nfrom ._private import helper\n"),
+            module("latentembed.ops._private", "def helper(): pass\ndef _hidden(): pass\n"),
+            package("latentembed.modules"),
+            module(
+                "latentembed.modules.a",
+                "from ..ops import _private\nfrom ..ops._private import _hidden\n"
+                "def f():\n    from . import b\n    from ..models import m\n"
+                "    return _private._hidden\ndef g(obj):\n    return obj._state\n",
+            ),
+            module("latentembed.modules.b", "from .a import f\nclass B:\n    def _state(self): pass\n"),
+            package("latentembed.models"),
+            module("latentembed.models.m"),
+        )
+    }
     # a lazy import closes a cycle; `from . import b` is an edge to the submodule b
     assert cycles(import_graph(fake)) == [["latentembed.modules.a", "latentembed.modules.b"]]
     private = private_uses(fake)
@@ -290,15 +298,16 @@ def test_the_checker_sees_lazy_relative_and_private_imports():
         "latentembed/modules/a.py:6: uses latentembed.ops._private._hidden",
         "latentembed/modules/a.py:8: uses ._state, defined only in other files",
     ], private
-    assert upward_imports(fake) == ["latentembed/modules/a.py:5: modules imports latentembed.models.m "
-                                    "(a higher layer)"]
+    assert upward_imports(fake) == ["latentembed/modules/a.py:5: modules imports latentembed.models.m (a higher layer)"]
 
 
 if __name__ == "__main__":
     all_modules = load_modules()
-    for title, found in (("CYCLES", [" <-> ".join(c) for c in cycles(import_graph(all_modules))]),
-                         ("PRIVATE NAMES ACROSS FILES", private_uses(all_modules)),
-                         ("UPWARD IMPORTS", upward_imports(all_modules))):
+    for title, found in (
+        ("CYCLES", [" <-> ".join(c) for c in cycles(import_graph(all_modules))]),
+        ("PRIVATE NAMES ACROSS FILES", private_uses(all_modules)),
+        ("UPWARD IMPORTS", upward_imports(all_modules)),
+    ):
         print(f"{title}: {len(found)}")
         for line in found:
             print("  " + line)

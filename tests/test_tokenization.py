@@ -12,7 +12,11 @@ import torch
 
 from latentembed.prompts import TEMPLATES, resolve_prompt
 from latentembed.tokenization import (
-    PackedBatch, TextTokenizer, TokenizedTexts, pack_sequences, tokenize_with_prompts,
+    PackedBatch,
+    TextTokenizer,
+    TokenizedTexts,
+    pack_sequences,
+    tokenize_with_prompts,
 )
 from tests.tokenizer_helpers import CORPUS, KINDS, SPECIALS, build_tokenizer, hf_tokenizer, raw_tokenizer
 
@@ -52,28 +56,86 @@ def random_cases(r, n):
         s = r.choice(CORPUS) + (" " + r.choice(CORPUS) if r.random() < 0.3 else "")
         cut = r.randrange(len(s) + 1)
         cases.append((s[:cut], s[cut:]))
-        cases.append((r.choice(prompts), r.choice(CORPUS)[r.randrange(5):]))
+        cases.append((r.choice(prompts), r.choice(CORPUS)[r.randrange(5) :]))
     return cases
 
 
 # ------------------------------------------------------------------------------------ exact masks
 HAND_BUILT = {  # (prefix, text) -> kind -> [(token, pooled)]
     ("search_query: ", "what is an embedding?"): {
-        "bpe": [("search", 0), ("_", 0), ("qu", 0), ("ery", 0), (":", 0), ("Ġwhat", 1), ("Ġis", 1), ("Ġan", 1),
-                ("Ġembedding", 1), ("?", 1), ("<|endoftext|>", 1)],
-        "metaspace": [("<s>", 1), ("▁search_query:", 0), ("▁what", 1), ("▁is", 1), ("▁an", 1),
-                      ("▁embedding?", 1), ("</s>", 1)],
-        "wordpiece": [("[CLS]", 1), ("search", 0), ("_", 0), ("query", 0), (":", 0), ("what", 1), ("is", 1),
-                      ("an", 1), ("embedding", 1), ("?", 1), ("[SEP]", 1)],
+        "bpe": [
+            ("search", 0),
+            ("_", 0),
+            ("qu", 0),
+            ("ery", 0),
+            (":", 0),
+            ("Ġwhat", 1),
+            ("Ġis", 1),
+            ("Ġan", 1),
+            ("Ġembedding", 1),
+            ("?", 1),
+            ("<|endoftext|>", 1),
+        ],
+        "metaspace": [
+            ("<s>", 1),
+            ("▁search_query:", 0),
+            ("▁what", 1),
+            ("▁is", 1),
+            ("▁an", 1),
+            ("▁embedding?", 1),
+            ("</s>", 1),
+        ],
+        "wordpiece": [
+            ("[CLS]", 1),
+            ("search", 0),
+            ("_", 0),
+            ("query", 0),
+            (":", 0),
+            ("what", 1),
+            ("is", 1),
+            ("an", 1),
+            ("embedding", 1),
+            ("?", 1),
+            ("[SEP]", 1),
+        ],
     },
     # the prefix ends inside a word: the token holding "doc" + "ument" carries text, so it is pooled
     ("Represent the doc", "ument for retrieval"): {
-        "bpe": [("Represent", 0), ("Ġthe", 0), ("Ġdocument", 1), ("Ġfor", 1), ("Ġretriev", 1), ("al", 1),
-                ("<|endoftext|>", 1)],
-        "metaspace": [("<s>", 1), ("▁Represent", 0), ("▁the", 0), ("▁document", 1), ("▁for", 1), ("▁retriev", 1),
-                      ("al", 1), ("</s>", 1)],
-        "wordpiece": [("[CLS]", 1), ("represent", 0), ("the", 0), ("document", 1), ("for", 1), ("r", 1), ("##e", 1),
-                      ("##t", 1), ("##r", 1), ("##i", 1), ("##e", 1), ("##v", 1), ("##al", 1), ("[SEP]", 1)],
+        "bpe": [
+            ("Represent", 0),
+            ("Ġthe", 0),
+            ("Ġdocument", 1),
+            ("Ġfor", 1),
+            ("Ġretriev", 1),
+            ("al", 1),
+            ("<|endoftext|>", 1),
+        ],
+        "metaspace": [
+            ("<s>", 1),
+            ("▁Represent", 0),
+            ("▁the", 0),
+            ("▁document", 1),
+            ("▁for", 1),
+            ("▁retriev", 1),
+            ("al", 1),
+            ("</s>", 1),
+        ],
+        "wordpiece": [
+            ("[CLS]", 1),
+            ("represent", 0),
+            ("the", 0),
+            ("document", 1),
+            ("for", 1),
+            ("r", 1),
+            ("##e", 1),
+            ("##t", 1),
+            ("##r", 1),
+            ("##i", 1),
+            ("##e", 1),
+            ("##v", 1),
+            ("##al", 1),
+            ("[SEP]", 1),
+        ],
     },
 }
 
@@ -98,13 +160,14 @@ def test_exact_mask_offsets_and_decode_oracles(toks, kind):
         enc = raw.encode(prefix + text)
         P = len(prefix)
         # 1. excluded positions = the non-special tokens whose span ends inside the prefix
-        excluded = [j for j, (s, (a, b)) in enumerate(zip(enc.special_tokens_mask, enc.offsets))
-                    if not s and b <= P and P > 0]
+        excluded = [
+            j for j, (s, (a, b)) in enumerate(zip(enc.special_tokens_mask, enc.offsets)) if not s and b <= P and P > 0
+        ]
         assert [j for j, m in enumerate(mask) if not m] == excluded, (prefix, text)
         assert n_instr == len(excluded)
-        assert ids[:len(enc.ids)] == enc.ids
+        assert ids[: len(enc.ids)] == enc.ids
         # 2. every token that touches a text character is pooled, straddlers included
-        for j, (a, b) in enumerate(enc.offsets):
+        for j, (_a, b) in enumerate(enc.offsets):
             if b > P:
                 assert mask[j]
         # 3. decoding: excluded tokens give (a start of) the prefix, pooled ones end with the text
@@ -128,8 +191,13 @@ def test_exact_mask_bpe_any_unicode(toks):
     one character span. Decoding the excluded / pooled tokens gives back prefix / text exactly."""
     tok, r = toks["bpe"], rng()
     alphabet = "ab xyz\n\t  éü日本語🙂—,.:"
-    pairs = [("".join(r.choice(alphabet) for _ in range(r.randrange(12))),
-              "".join(r.choice(alphabet) for _ in range(r.randrange(12)))) for _ in range(60)]
+    pairs = [
+        (
+            "".join(r.choice(alphabet) for _ in range(r.randrange(12))),
+            "".join(r.choice(alphabet) for _ in range(r.randrange(12))),
+        )
+        for _ in range(60)
+    ]
     out = tokenize_with_prompts(tok, [t for _, t in pairs], [p for p, _ in pairs])
     for (prefix, text), ids, mask in zip(pairs, out.input_ids, out.pool_mask):
         assert ids[-1] == tok.eos_token_id and mask[-1]
@@ -189,8 +257,8 @@ def test_nvembed_compat_off_by_one_with_bos(toks):
     compat = tokenize_with_prompts(tok, [text], prefix, mask_instruction="nvembed_compat")
     exact = tokenize_with_prompts(tok, [text], prefix)
     ids = compat.input_ids[0]
-    assert ids == exact.input_ids[0] and ids[0] == tok.bos_token_id and ids[1:n + 1] == alone
-    assert compat.pool_mask[0] == [False] * n + [True] * (len(ids) - n)      # BOS .. instr[n-2] out
+    assert ids == exact.input_ids[0] and ids[0] == tok.bos_token_id and ids[1 : n + 1] == alone
+    assert compat.pool_mask[0] == [False] * n + [True] * (len(ids) - n)  # BOS .. instr[n-2] out
     assert exact.pool_mask[0] == [True] + [False] * n + [True] * (len(ids) - n - 1)
 
 
@@ -220,14 +288,20 @@ def test_truncation_keeps_prefix_and_eos(toks, kind, mode):
     ids, mask = full.input_ids[0], full.pool_mask[0]
     enc = raw_tokenizer(kind).encode(prefix + text)
     # kept whatever max_length: a leading BOS/[CLS], every token holding a prefix character, EOS/[SEP]
-    minimum = sum(1 for j, (s, (a, _)) in enumerate(zip(enc.special_tokens_mask, enc.offsets))
-                  if (s and j == 0) or (not s and a < len(prefix))) + 1
+    minimum = (
+        sum(
+            1
+            for j, (s, (a, _)) in enumerate(zip(enc.special_tokens_mask, enc.offsets))
+            if (s and j == 0) or (not s and a < len(prefix))
+        )
+        + 1
+    )
     for L in range(minimum, len(ids) + 2):
         out = tokenize_with_prompts(tok, [text], prefix, max_length=L, mask_instruction=mode)
         got, m = out.input_ids[0], out.pool_mask[0]
         assert len(got) == min(L, len(ids)) and out.truncated == [L < len(ids)]
         assert got[-1] == tok.eos_token_id and m[-1]
-        assert got[:-1] == ids[:len(got) - 1] and m[:-1] == mask[:len(got) - 1]
+        assert got[:-1] == ids[: len(got) - 1] and m[:-1] == mask[: len(got) - 1]
         assert out.num_instruction_tokens == full.num_instruction_tokens
     with pytest.raises(ValueError, match=f"max_length={minimum - 1} cannot hold the prefix"):
         tokenize_with_prompts(tok, [text], prefix, max_length=minimum - 1, mask_instruction=mode)
@@ -240,8 +314,9 @@ def test_truncation_nvembed_compat_cuts_after_eos(toks, kind):
     full = tokenize_with_prompts(tok, [text], prefix, mask_instruction="nvembed_compat").input_ids[0]
     out = tokenize_with_prompts(tok, [text], prefix, max_length=len(full) - 2, mask_instruction="nvembed_compat")
     assert out.input_ids[0] == full[:-2] and out.truncated == [True] and out.input_ids[0][-1] != tok.eos_token_id
-    assert tokenize_with_prompts(tok, [text], prefix, max_length=len(full),
-                                 mask_instruction="nvembed_compat").truncated == [False]
+    assert tokenize_with_prompts(
+        tok, [text], prefix, max_length=len(full), mask_instruction="nvembed_compat"
+    ).truncated == [False]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -260,7 +335,7 @@ def test_empty_texts(toks, kind):
 
 def test_empty_text_without_eos(toks):
     tok = toks["bpe"]
-    out = tokenize_with_prompts(tok, [""], "search_query: ", add_eos=False)   # only prefix tokens
+    out = tokenize_with_prompts(tok, [""], "search_query: ", add_eos=False)  # only prefix tokens
     assert out.pool_mask[0] == [False] * (len(out.input_ids[0]) - 1) + [True]  # last token pooled
     with pytest.raises(ValueError, match="text 1 and its prefix produced no tokens"):
         tokenize_with_prompts(tok, ["a", ""], add_eos=False)
@@ -272,12 +347,19 @@ def test_tokenizers_and_transformers_backends_agree(toks, tok_dirs, kind):
     from transformers import AutoTokenizer
 
     raw = toks[kind]
-    backends = [TextTokenizer.wrap(hf_tokenizer(kind)), TextTokenizer.wrap(AutoTokenizer.from_pretrained(str(tok_dirs[kind])))]
+    backends = [
+        TextTokenizer.wrap(hf_tokenizer(kind)),
+        TextTokenizer.wrap(AutoTokenizer.from_pretrained(str(tok_dirs[kind]))),
+    ]
     cases = random_cases(rng(), 8)
     texts, prefixes = [t for _, t in cases], [p for p, _ in cases]
     for hf in backends:
         assert hf.backend == "transformers" and raw.backend == "tokenizers"
-        assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (raw.bos_token_id, raw.eos_token_id, raw.pad_token_id)
+        assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (
+            raw.bos_token_id,
+            raw.eos_token_id,
+            raw.pad_token_id,
+        )
         for mode in ("exact", "nvembed_compat", "none"):
             for L in (None, 30, 60):
                 results = []
@@ -312,12 +394,15 @@ def test_from_pretrained_reads_special_tokens_map_and_ignores_truncation(tmp_pat
     raw.enable_truncation(4)
     raw.enable_padding(length=50)
     raw.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": {"content": "<s>", "lstrip": False}, "eos_token": {"__type": "AddedToken", "content": "</s>"}}))
+    (tmp_path / "special_tokens_map.json").write_text(
+        json.dumps(
+            {"bos_token": {"content": "<s>", "lstrip": False}, "eos_token": {"__type": "AddedToken", "content": "</s>"}}
+        )
+    )
     tok = TextTokenizer.from_pretrained(tmp_path / "tokenizer.json")
     assert tok.bos_token_id == raw.token_to_id("<s>") and tok.eos_token_id == raw.token_to_id("</s>")
     assert tok.pad_token_id is None
-    assert len(tok.encode(CORPUS[0])) > 4          # truncation / padding of the file are ignored
+    assert len(tok.encode(CORPUS[0])) > 4  # truncation / padding of the file are ignored
     ids = tokenize_with_prompts(tok, [CORPUS[0]]).input_ids[0]
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and len(ids) < 50
 
@@ -339,7 +424,7 @@ def test_loading_errors(tmp_path):
     with pytest.raises(TypeError, match="slow"):
         TextTokenizer.wrap(Slow())
     with pytest.raises(ValueError, match="no eos_token"):
-        tokenize_with_prompts(raw_tokenizer("bpe"), ["a"])          # a raw Tokenizer knows no EOS
+        tokenize_with_prompts(raw_tokenizer("bpe"), ["a"])  # a raw Tokenizer knows no EOS
     assert tokenize_with_prompts(raw_tokenizer("bpe"), ["a"], add_eos=False).input_ids[0]
 
 
@@ -424,5 +509,8 @@ def test_special_token_overrides_survive_save(tmp_path, backend):
     wrapped = TextTokenizer(tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
     wrapped.save_pretrained(tmp_path)
     loaded = TextTokenizer.from_pretrained(tmp_path)
-    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == \
-        (wrapped.bos_token_id, wrapped.eos_token_id, wrapped.eos_token_id)
+    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (
+        wrapped.bos_token_id,
+        wrapped.eos_token_id,
+        wrapped.eos_token_id,
+    )

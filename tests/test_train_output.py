@@ -14,8 +14,9 @@ from latentembed.training.tiny import tiny_model, train_tokenizer
 
 
 def _model(adapters: bool) -> EmbeddingModel:
-    model = tiny_model(train_tokenizer(["a small vocabulary for the output tests", "query passage"]),
-                       num_hidden_layers=1)
+    model = tiny_model(
+        train_tokenizer(["a small vocabulary for the output tests", "query passage"]), num_hidden_layers=1
+    )
     if adapters:
         model.add_adapters(["query", "passage"], rank=2)
     with torch.no_grad():

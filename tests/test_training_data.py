@@ -24,9 +24,7 @@ TASKS = {"retrieval": {"retrieval"}, "blended": {"classification", "clustering",
 
 def _examples(n, negatives=1):
     return [
-        TrainingExample(
-            f"query {i}", f"positive {i}", [f"negative {i}.{j}" for j in range(negatives)]
-        )
+        TrainingExample(f"query {i}", f"positive {i}", [f"negative {i}.{j}" for j in range(negatives)])
         for i in range(n)
     ]
 
@@ -191,15 +189,11 @@ def test_write_beir_files_round_trip(tmp_path):
 # ---------------------------------------------------------------------------------- batching
 
 
-@pytest.mark.parametrize(
-    "n, batch_size, world_size", [(37, 4, 1), (37, 4, 3), (50, 5, 2), (7, 3, 4)]
-)
+@pytest.mark.parametrize("n, batch_size, world_size", [(37, 4, 1), (37, 4, 3), (50, 5, 2), (7, 3, 4)])
 def test_batch_examples_ranks_disjoint_and_cover_epoch(n, batch_size, world_size):
     examples = _examples(n)
     per_rank = [
-        batch_examples(
-            examples, batch_size, seed=1, epoch=0, rank=r, world_size=world_size, drop_last=False
-        )
+        batch_examples(examples, batch_size, seed=1, epoch=0, rank=r, world_size=world_size, drop_last=False)
         for r in range(world_size)
     ]
     assert len({len(b) for b in per_rank}) == 1  # same number of steps on every rank
@@ -209,8 +203,7 @@ def test_batch_examples_ranks_disjoint_and_cover_epoch(n, batch_size, world_size
         assert all(len(b) <= batch_size for b in batches)
 
     dropped = [
-        batch_examples(examples, batch_size, seed=1, epoch=0, rank=r, world_size=world_size)
-        for r in range(world_size)
+        batch_examples(examples, batch_size, seed=1, epoch=0, rank=r, world_size=world_size) for r in range(world_size)
     ]
     n_steps = n // (batch_size * world_size)
     for batches in dropped:

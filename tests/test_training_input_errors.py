@@ -20,8 +20,10 @@ class ModelBuilt(Exception):
 @pytest.fixture
 def no_model(monkeypatch):
     """Make any model construction raise ModelBuilt, so a test sees what is checked before it."""
+
     def refuse(*args, **kwargs):
         raise ModelBuilt
+
     monkeypatch.setattr(model_setup, "tiny_model", refuse)
     monkeypatch.setattr(model_setup.EmbeddingModel, "from_pretrained", classmethod(lambda cls, *a, **k: refuse()))
 
@@ -32,8 +34,14 @@ def _word(rng: random.Random) -> str:
 
 def _rows(n: int, seed: int, negatives: int = 1) -> list[dict]:
     rng = random.Random(seed)
-    return [{"query": f"{_word(rng)} {_word(rng)}?", "positive": f"{_word(rng)} {_word(rng)} {i}.",
-             "negatives": [f"{_word(rng)} {i}-{j}" for j in range(negatives)]} for i in range(n)]
+    return [
+        {
+            "query": f"{_word(rng)} {_word(rng)}?",
+            "positive": f"{_word(rng)} {_word(rng)} {i}.",
+            "negatives": [f"{_word(rng)} {i}-{j}" for j in range(negatives)],
+        }
+        for i in range(n)
+    ]
 
 
 def _write(path, rows) -> str:
@@ -94,8 +102,7 @@ def test_stage2_checks_happen_before_the_model(tmp_path, capsys, no_model):
     stage2 = _write(tmp_path / "s2.jsonl", stage2_rows)
     code, err = _run(["--data", stage1, "--stage2-data", stage2, "--batch-size", "4"], capsys)
     assert code == 2 and f"{stage2}:4" in err and "hard negative" in err
-    code, err = _run(["--data", stage1, "--stage2-data", stage2, "--hard-negatives", "0",
-                      "--batch-size", "4"], capsys)
+    code, err = _run(["--data", stage1, "--stage2-data", stage2, "--hard-negatives", "0", "--batch-size", "4"], capsys)
     assert code == 2 and "--hard-negatives" in err
 
 
@@ -127,10 +134,13 @@ def test_distinct_rows_give_no_repeat_warning(tmp_path, no_model, recwarn):
     assert not [w for w in recwarn if "repeat" in str(w.message)]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--device", "gpu"], "device 'gpu': expected cpu, cuda or cuda:N"),
-    (["--template", "nope"], "unknown prompt template 'nope'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--device", "gpu"], "device 'gpu': expected cpu, cuda or cuda:N"),
+        (["--template", "nope"], "unknown prompt template 'nope'"),
+    ],
+)
 def test_bad_device_and_template_fail_before_the_data_and_the_model(argv, message, capsys, no_model, monkeypatch):
     monkeypatch.setattr(plan, "read_examples", lambda *a: pytest.fail("the data was read before the check"))
     monkeypatch.setattr(plan, "bundled_examples", lambda *a: pytest.fail("the data was read before the check"))

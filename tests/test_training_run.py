@@ -78,9 +78,19 @@ def test_training_lowers_loss_and_improves_retrieval(tmp_path, one_thread):
     rows = _slice("retrieval", 48, seed)
     model = _model_for(rows)
     before = _ndcg_on(model, rows)
-    cfg = TrainConfig(data=str(_write_jsonl(tmp_path / "train.jsonl", rows)), steps=24, batch_size=12,
-                      hard_negatives=2, eval=False, seed=seed, output=str(tmp_path / "out"), quiet=True,
-                      max_length=96, full=True, lr=2e-3)
+    cfg = TrainConfig(
+        data=str(_write_jsonl(tmp_path / "train.jsonl", rows)),
+        steps=24,
+        batch_size=12,
+        hard_negatives=2,
+        eval=False,
+        seed=seed,
+        output=str(tmp_path / "out"),
+        quiet=True,
+        max_length=96,
+        full=True,
+        lr=2e-3,
+    )
     result = train(cfg, model=model)
     losses = [e["loss"] for e in result["loss_history"]]
     assert len(losses) == 24 and all(e["stage"] == 1 for e in result["loss_history"])
@@ -91,8 +101,9 @@ def test_training_lowers_loss_and_improves_retrieval(tmp_path, one_thread):
     # The saved model reloads and encodes exactly as the trained one.
     loaded = EmbeddingModel.from_pretrained(tmp_path / "out" / "model")
     texts = [rows[0].query, rows[1].positive, ""]
-    torch.testing.assert_close(loaded.encode(texts, task="retrieval"), model.encode(texts, task="retrieval"),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        loaded.encode(texts, task="retrieval"), model.encode(texts, task="retrieval"), rtol=0, atol=0
+    )
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert [e["loss"] for e in metrics["loss_history"]] == losses
     assert TrainConfig(**json.loads((tmp_path / "out" / "train_config.json").read_text())).seed == seed
@@ -105,9 +116,24 @@ def test_lora_on_a_plain_decoder_trains_only_the_adapters(tmp_path, one_thread):
     seed = _seed()
     hf_dir = plain_decoder_dir(tmp_path / "hf", family="qwen2", tokenizer="bpe")
     rows = _slice("retrieval", 24, seed)
-    result = train(TrainConfig(data=str(_write_jsonl(tmp_path / "t.jsonl", rows)), model=str(hf_dir), pooling="mean",
-                               steps=3, batch_size=8, lr=1e-3, lora_rank=4, lora_alpha=8, lora_dropout=0.0,
-                               eval=False, seed=seed, quiet=True, max_length=64, output=str(tmp_path / "out")))
+    result = train(
+        TrainConfig(
+            data=str(_write_jsonl(tmp_path / "t.jsonl", rows)),
+            model=str(hf_dir),
+            pooling="mean",
+            steps=3,
+            batch_size=8,
+            lr=1e-3,
+            lora_rank=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            eval=False,
+            seed=seed,
+            quiet=True,
+            max_length=64,
+            output=str(tmp_path / "out"),
+        )
+    )
     model = result["model"]
     assert model.adapter_names == ("default",) and model.template.name == "e5"  # plain decoder: e5 prompts
     base = EmbeddingModel.from_pretrained(hf_dir, pooling="mean").state_dict()
@@ -118,16 +144,21 @@ def test_lora_on_a_plain_decoder_trains_only_the_adapters(tmp_path, one_thread):
         assert torch.equal(base[key], trained[key]), key
     assert any(k.endswith("lora_b") and trained[k].abs().max() > 0 for k in trained)  # the adapters moved
     # The PEFT directory on the plain checkpoint reproduces the trained model.
-    reloaded = EmbeddingModel.from_pretrained(hf_dir, pooling="mean", prompt_template="e5",
-                                              adapters={"default": tmp_path / "out" / "adapters" / "default"})
+    reloaded = EmbeddingModel.from_pretrained(
+        hf_dir, pooling="mean", prompt_template="e5", adapters={"default": tmp_path / "out" / "adapters" / "default"}
+    )
     texts = [rows[0].query, rows[1].positive]
-    torch.testing.assert_close(reloaded.encode(texts, task="retrieval"), model.encode(texts, task="retrieval"),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        reloaded.encode(texts, task="retrieval"), model.encode(texts, task="retrieval"), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_negatives_are_filled_from_other_rows_positives():
-    batch = [TrainingExample("q0", "p0", ["n0"]), TrainingExample("q1", "p1", []),
-             TrainingExample("q2", "p0", ["n2a", "n2b", "n2c"])]
+    batch = [
+        TrainingExample("q0", "p0", ["n0"]),
+        TrainingExample("q1", "p1", []),
+        TrainingExample("q2", "p0", ["n2a", "n2b", "n2c"]),
+    ]
     negs = hard_negatives(batch, 2)
     assert negs[0] == ["n0", "p1"]  # own negative, then the next row's positive
     assert negs[1] == ["p0", "p0"]  # no own negative: the distinct other positive, repeated to k
@@ -142,6 +173,7 @@ def test_negatives_are_filled_from_other_rows_positives():
 
 # -- two processes ---------------------------------------------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -151,8 +183,9 @@ def _free_port() -> int:
 def _worker(rank: int, tmp: str, port: int) -> None:
     faulthandler.dump_traceback_later(120, exit=True)
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     log = open(f"{tmp}/stdout{rank}.txt", "w")
     sys.stdout = log
     try:
@@ -177,10 +210,19 @@ def test_two_process_gloo_run_equals_one_process_on_the_whole_batch(tmp_path, on
     rows1, rows2 = _slice("retrieval", 24, seed), _slice("blended", 16, seed)
     model = _model_for(rows1 + rows2)
     model.save_pretrained(tmp_path / "init")
-    common = dict(data=str(_write_jsonl(tmp_path / "s1.jsonl", rows1)),
-                  stage2_data=str(_write_jsonl(tmp_path / "s2.jsonl", rows2)), model=str(tmp_path / "init"),
-                  full=True, steps=2, hard_negatives=1, lr=1e-3, eval_fraction=0.25, seed=seed, log_every=1,
-                  max_length=96)
+    common = dict(
+        data=str(_write_jsonl(tmp_path / "s1.jsonl", rows1)),
+        stage2_data=str(_write_jsonl(tmp_path / "s2.jsonl", rows2)),
+        model=str(tmp_path / "init"),
+        full=True,
+        steps=2,
+        hard_negatives=1,
+        lr=1e-3,
+        eval_fraction=0.25,
+        seed=seed,
+        log_every=1,
+        max_length=96,
+    )
     Path(tmp_path / "config.json").write_text(json.dumps(dict(common, batch_size=4, output=str(tmp_path / "out"))))
     code = f"from tests.test_training_run import _launch; _launch({str(tmp_path)!r}, {_free_port()})"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
@@ -214,15 +256,38 @@ def test_two_process_gloo_run_equals_one_process_on_the_whole_batch(tmp_path, on
 
 # -- the command line ------------------------------------------------------------------------------
 
+
 def test_cli_lora_run_writes_outputs_and_a_reloadable_model(tmp_path):
     seed = _seed()
     data = _write_jsonl(tmp_path / "train.jsonl", _slice("retrieval", 40, seed))
     out = tmp_path / "out"
-    argv = ["train", "--data", str(data), "--no-full", "--lora-rank", "4", "--lora-alpha", "8", "--steps", "3",
-            "--batch-size", "8", "--eval-fraction", "0.25", "--output", str(out), "--seed", str(seed),
-            "--log-every", "1", "--max-length", "64"]
-    done = subprocess.run([sys.executable, "-m", "latentembed", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    argv = [
+        "train",
+        "--data",
+        str(data),
+        "--no-full",
+        "--lora-rank",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--eval-fraction",
+        "0.25",
+        "--output",
+        str(out),
+        "--seed",
+        str(seed),
+        "--log-every",
+        "1",
+        "--max-length",
+        "64",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "latentembed", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     for needle in ("eval before: nDCG@10", "stage 1 step    3/3 loss", "tok/s", "mem rss max", "eval after:"):
         assert needle in done.stdout, (needle, done.stdout)
@@ -257,8 +322,9 @@ def test_cli_bad_jsonl_row_names_file_and_line(tmp_path, capsys):
 
 def test_cli_unknown_task_lists_known_tasks(tmp_path, capsys):
     path = tmp_path / "task.jsonl"
-    path.write_text('{"query": "a", "positive": "b", "task": "retrieval"}\n'
-                    '{"query": "c", "positive": "d", "task": "poetry"}\n')
+    path.write_text(
+        '{"query": "a", "positive": "b", "task": "retrieval"}\n{"query": "c", "positive": "d", "task": "poetry"}\n'
+    )
     code, err = _run_cli(["--data", str(path), "--no-eval", "--batch-size", "2"], capsys)
     assert code == 2 and "'poetry'" in err and "example 2" in err and "retrieval" in err and "sts" in err
 

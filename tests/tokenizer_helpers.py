@@ -44,15 +44,23 @@ CORPUS = (
 )
 
 SPECIALS = {
-    "bpe": dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                unk_token="<|endoftext|>"),
+    "bpe": dict(
+        bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>"
+    ),
     "metaspace": dict(bos_token="<s>", eos_token="</s>", pad_token="<unk>", unk_token="<unk>"),
-    "wordpiece": dict(bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]",
-                      cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"),
+    "wordpiece": dict(
+        bos_token="[CLS]",
+        eos_token="[SEP]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    ),
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_json(kind: str) -> str:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -63,14 +71,18 @@ def _trained_json(kind: str) -> str:
         # trim_offsets=False keeps the leading space inside the token's span, as GPT-2 / Qwen2 do.
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
         trainer = trainers.BpeTrainer(
-            vocab_size=VOCAB_SIZE, special_tokens=["<|endoftext|>", "<|startoftext|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+            vocab_size=VOCAB_SIZE,
+            special_tokens=["<|endoftext|>", "<|startoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
     elif kind == "metaspace":
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-        trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=["<unk>", "<s>", "</s>"],
-                                      show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=VOCAB_SIZE, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+        )
     elif kind == "wordpiece":
         # WordPieceTrainer is not deterministic across processes, so the vocabulary is built by
         # hand: specials, every character and its "##" continuation, a few suffixes, and the words
@@ -96,12 +108,13 @@ def _trained_json(kind: str) -> str:
     if kind == "metaspace":
         bos = tok.token_to_id("<s>")
         tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+        )
     elif kind == "wordpiece":
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
     assert tok.get_vocab_size() <= VOCAB_SIZE
     return tok.to_str()
 

@@ -43,16 +43,18 @@ def text_lines(path: PathLike, *, error: type[ValueError] = ValueError) -> Itera
         raise FileNotFoundError(f"{name}: no such file")
     lineno = 0
     try:
-        with (gzip.open(name, "rb") if name.endswith(".gz") else open(name, "rb")) as f:
+        with gzip.open(name, "rb") if name.endswith(".gz") else open(name, "rb") as f:
             for raw in f:
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     # The sentinel keeps an empty last piece and makes its length the 1-based column.
-                    before = _split_lines(raw[:e.start].decode("utf-8") + "|")
-                    raise error(f"{name}:{lineno + len(before)}: not UTF-8 text: byte 0x{raw[e.start]:02x} at "
-                                f"column {len(before[-1])} ({e.reason}); save the file as UTF-8 (e.g. iconv -f "
-                                "latin1 -t utf-8)") from None
+                    before = _split_lines(raw[: e.start].decode("utf-8") + "|")
+                    raise error(
+                        f"{name}:{lineno + len(before)}: not UTF-8 text: byte 0x{raw[e.start]:02x} at "
+                        f"column {len(before[-1])} ({e.reason}); save the file as UTF-8 (e.g. iconv -f "
+                        "latin1 -t utf-8)"
+                    ) from None
                 if lineno == 0 and text.startswith("\ufeff"):
                     text = text[1:]
                 for line in _split_lines(text):

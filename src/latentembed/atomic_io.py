@@ -51,8 +51,18 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_directory",
-           "check_replaceable", "recover", "interrupted_save", "missing_directory_message", "read_json", "Owned"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_directory",
+    "check_replaceable",
+    "recover",
+    "interrupted_save",
+    "missing_directory_message",
+    "read_json",
+    "Owned",
+]
 
 PathLike = Union[str, os.PathLike]
 #: Which top-level entries of a target directory a save owns: glob patterns matched against the
@@ -67,6 +77,7 @@ _NO_EXCHANGE = {errno.EINVAL, errno.ENOSYS, getattr(errno, "EOPNOTSUPP", -1), ge
 
 
 # -- names of temporary siblings ----------------------------------------------------------------
+
 
 def _sibling(target: Path, kind: str, tag: str) -> Path:
     return target.parent / f".{target.name}.{kind}-{tag}"
@@ -118,6 +129,7 @@ def _remove(path: Path) -> None:
 
 # -- durability -------------------------------------------------------------------------------------
 
+
 def _fsync_dir(path: Path) -> None:
     if os.name == "nt":  # directories cannot be opened for fsync there; NTFS journals renames
         return
@@ -130,7 +142,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _fsync_tree(root: Path) -> None:
     """fsync every file and directory under ``root`` (bottom-up, ``root`` last)."""
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames:
             path = os.path.join(dirpath, name)
             if os.path.islink(path):
@@ -156,6 +168,7 @@ def _make_parent(path: Path) -> None:
 
 
 # -- files ------------------------------------------------------------------------------------------
+
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     """Write ``data`` to file ``path`` all-or-nothing: a temporary sibling
@@ -217,6 +230,7 @@ def read_json(path: PathLike, *, expect: type = dict) -> Any:
 
 # -- directories ------------------------------------------------------------------------------------
 
+
 def _is_owned(entry: Path, owned: Owned) -> bool:
     if callable(owned):
         return bool(owned(entry))
@@ -237,7 +251,8 @@ def check_replaceable(target: PathLike, owned: Owned) -> None:
         listed = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
         raise FileExistsError(
             f"{target} holds entries a save there does not write ({listed}); a save replaces the whole "
-            "directory and would delete them: save to another directory, or move them away")
+            "directory and would delete them: save to another directory, or move them away"
+        )
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -326,6 +341,7 @@ def atomic_directory(target: PathLike, *, owned: Owned) -> Iterator[Path]:
 
 # -- recovery ---------------------------------------------------------------------------------------
 
+
 def recover(target: PathLike) -> list[Path]:
     """Clean up after saves to ``target`` that were killed: if ``target`` is missing and a dead
     process left its previous version at ``.<name>.old-...``, rename that back; then delete the
@@ -366,6 +382,8 @@ def missing_directory_message(target: PathLike, what: str = "directory") -> str:
     message = f"{what} {target} does not exist"
     old = interrupted_save(target)
     if old is not None:
-        message += (f"; a save to it was interrupted and left the previous version at {old}: rename it to "
-                    f"{Path(target).name} (the next save there does it too)")
+        message += (
+            f"; a save to it was interrupted and left the previous version at {old}: rename it to "
+            f"{Path(target).name} (the next save there does it too)"
+        )
     return message

@@ -37,7 +37,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 __all__ = [
-    "TaskPrompt", "PromptTemplate", "ResolvedPrompt", "TEMPLATES", "get_template", "resolve_prompt",
+    "TaskPrompt",
+    "PromptTemplate",
+    "ResolvedPrompt",
+    "TEMPLATES",
+    "get_template",
+    "resolve_prompt",
 ]
 
 
@@ -60,11 +65,14 @@ class TaskPrompt:
                 raise TypeError(f"TaskPrompt.{name} must be a str or None, got {type(value).__name__}")
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in (("instruction", self.instruction), ("prefix", self.prefix),
-                                  ("adapter", self.adapter)) if v is not None}
+        return {
+            k: v
+            for k, v in (("instruction", self.instruction), ("prefix", self.prefix), ("adapter", self.adapter))
+            if v is not None
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TaskPrompt":
+    def from_dict(cls, d: Mapping[str, Any]) -> TaskPrompt:
         if isinstance(d, TaskPrompt):
             return d
         if not isinstance(d, Mapping):
@@ -112,8 +120,9 @@ class PromptTemplate:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"PromptTemplate.name must be a non-empty str, got {self.name!r}")
         if not isinstance(self.instruction_format, str):
-            raise TypeError(f"PromptTemplate.instruction_format must be a str, "
-                            f"got {type(self.instruction_format).__name__}")
+            raise TypeError(
+                f"PromptTemplate.instruction_format must be a str, got {type(self.instruction_format).__name__}"
+            )
         _format_fields(self.instruction_format)
         if not isinstance(self.tasks, Mapping):
             raise TypeError(f"PromptTemplate.tasks must be a mapping, got {type(self.tasks).__name__}")
@@ -136,7 +145,10 @@ class PromptTemplate:
         if not isinstance(other, PromptTemplate):
             return NotImplemented
         return (self.name, self.instruction_format, dict(self.tasks)) == (
-            other.name, other.instruction_format, dict(other.tasks))
+            other.name,
+            other.instruction_format,
+            dict(other.tasks),
+        )
 
     @property
     def fields(self) -> list[str]:
@@ -158,17 +170,22 @@ class PromptTemplate:
             if missing or extra:
                 raise ValueError(
                     f"template {self.name!r} formats {self.instruction_format!r}: the instruction "
-                    f"mapping needs keys {fields}" + (f", missing {missing}" if missing else "")
-                    + (f", unexpected {extra}" if extra else ""))
+                    f"mapping needs keys {fields}"
+                    + (f", missing {missing}" if missing else "")
+                    + (f", unexpected {extra}" if extra else "")
+                )
             return self.instruction_format.format(**{k: str(v) for k, v in instruction.items()})
         raise TypeError(f"instruction must be a str, a mapping or None, got {type(instruction).__name__}")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "instruction_format": self.instruction_format,
-                "tasks": {k: v.to_dict() for k, v in self.tasks.items()}}
+        return {
+            "name": self.name,
+            "instruction_format": self.instruction_format,
+            "tasks": {k: v.to_dict() for k, v in self.tasks.items()},
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PromptTemplate":
+    def from_dict(cls, d: Mapping[str, Any]) -> PromptTemplate:
         if not isinstance(d, Mapping):
             raise TypeError(f"a template dict must be a mapping, got {type(d).__name__}")
         unknown = sorted(set(d) - {"name", "instruction_format", "tasks"})
@@ -176,8 +193,11 @@ class PromptTemplate:
             raise ValueError(f"unknown PromptTemplate keys {unknown}; expected name, instruction_format, tasks")
         if "name" not in d:
             raise ValueError("a template dict needs a 'name'")
-        return cls(name=d["name"], instruction_format=d.get("instruction_format", "{instruction}"),
-                   tasks=dict(d.get("tasks") or {}))
+        return cls(
+            name=d["name"],
+            instruction_format=d.get("instruction_format", "{instruction}"),
+            tasks=dict(d.get("tasks") or {}),
+        )
 
 
 @dataclass(frozen=True)
@@ -204,32 +224,46 @@ TEMPLATES: dict[str, PromptTemplate] = {
     "none": PromptTemplate("none"),
     "nvembed": PromptTemplate("nvembed", _INSTRUCT, _INSTRUCT_TASKS),
     "e5": PromptTemplate("e5", _INSTRUCT, _INSTRUCT_TASKS),
-    "instructor": PromptTemplate("instructor", "Represent the {domain} {text_type} for {objective}: ", {
-        "retrieval": TaskPrompt(prefix="Represent the question for retrieving supporting documents: "),
-        "document": TaskPrompt(prefix="Represent the document for retrieval: "),
-        "sts": TaskPrompt(prefix="Represent the sentence for finding semantically similar sentences: "),
-        "classification": TaskPrompt(prefix="Represent the text for classifying its topic: "),
-        "clustering": TaskPrompt(prefix="Represent the sentence for clustering by topic: "),
-    }),
-    "nomic": PromptTemplate("nomic", "{instruction}: ", {
-        "search_query": TaskPrompt(prefix="search_query: "),
-        "search_document": TaskPrompt(prefix="search_document: "),
-        "classification": TaskPrompt(prefix="classification: "),
-        "clustering": TaskPrompt(prefix="clustering: "),
-    }),
-    "jina-v3": PromptTemplate("jina-v3", "{instruction}", {
-        "retrieval.query": TaskPrompt(prefix="Represent the query for retrieving evidence documents: ",
-                                      adapter="retrieval.query"),
-        "retrieval.passage": TaskPrompt(prefix="Represent the document for retrieval: ",
-                                        adapter="retrieval.passage"),
-        "separation": TaskPrompt(prefix="", adapter="separation"),
-        "classification": TaskPrompt(prefix="", adapter="classification"),
-        "text-matching": TaskPrompt(prefix="", adapter="text-matching"),
-    }),
+    "instructor": PromptTemplate(
+        "instructor",
+        "Represent the {domain} {text_type} for {objective}: ",
+        {
+            "retrieval": TaskPrompt(prefix="Represent the question for retrieving supporting documents: "),
+            "document": TaskPrompt(prefix="Represent the document for retrieval: "),
+            "sts": TaskPrompt(prefix="Represent the sentence for finding semantically similar sentences: "),
+            "classification": TaskPrompt(prefix="Represent the text for classifying its topic: "),
+            "clustering": TaskPrompt(prefix="Represent the sentence for clustering by topic: "),
+        },
+    ),
+    "nomic": PromptTemplate(
+        "nomic",
+        "{instruction}: ",
+        {
+            "search_query": TaskPrompt(prefix="search_query: "),
+            "search_document": TaskPrompt(prefix="search_document: "),
+            "classification": TaskPrompt(prefix="classification: "),
+            "clustering": TaskPrompt(prefix="clustering: "),
+        },
+    ),
+    "jina-v3": PromptTemplate(
+        "jina-v3",
+        "{instruction}",
+        {
+            "retrieval.query": TaskPrompt(
+                prefix="Represent the query for retrieving evidence documents: ", adapter="retrieval.query"
+            ),
+            "retrieval.passage": TaskPrompt(
+                prefix="Represent the document for retrieval: ", adapter="retrieval.passage"
+            ),
+            "separation": TaskPrompt(prefix="", adapter="separation"),
+            "classification": TaskPrompt(prefix="", adapter="classification"),
+            "text-matching": TaskPrompt(prefix="", adapter="text-matching"),
+        },
+    ),
 }
 
 
-def get_template(spec: "str | Mapping[str, Any] | PromptTemplate") -> PromptTemplate:
+def get_template(spec: str | Mapping[str, Any] | PromptTemplate) -> PromptTemplate:
     """A template from its built-in name, a ``to_dict()`` dict, or a PromptTemplate (returned as is).
 
     >>> get_template("e5").fields
@@ -248,9 +282,9 @@ def get_template(spec: "str | Mapping[str, Any] | PromptTemplate") -> PromptTemp
 
 
 def resolve_prompt(
-    template: "str | Mapping[str, Any] | PromptTemplate",
+    template: str | Mapping[str, Any] | PromptTemplate,
     task: str | None = None,
-    instruction: "str | Mapping[str, str] | None" = None,
+    instruction: str | Mapping[str, str] | None = None,
 ) -> ResolvedPrompt:
     """Resolve the prefix and adapter for one task / instruction of ``template``.
 
@@ -271,8 +305,10 @@ def resolve_prompt(
             raise TypeError(f"task must be a str or None, got {type(task).__name__}")
         if task not in tmpl.tasks:
             known = sorted(tmpl.tasks)
-            raise ValueError(f"unknown task {task!r} for prompt template {tmpl.name!r}; known tasks: "
-                             + (str(known) if known else "none (pass instruction= instead)"))
+            raise ValueError(
+                f"unknown task {task!r} for prompt template {tmpl.name!r}; known tasks: "
+                + (str(known) if known else "none (pass instruction= instead)")
+            )
         task_prompt = tmpl.tasks[task]
     adapter = task_prompt.adapter if task_prompt is not None else None
     if instruction is not None:

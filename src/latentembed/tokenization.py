@@ -27,13 +27,31 @@ import torch
 
 from .atomic_io import read_json
 
-__all__ = ["TextTokenizer", "TokenizedTexts", "tokenize_with_prompts", "PackedBatch", "pack_sequences",
-           "MASK_MODES", "TOKENIZER_FILES", "as_tokenizer", "check_tokenizer_fits"]
+__all__ = [
+    "TextTokenizer",
+    "TokenizedTexts",
+    "tokenize_with_prompts",
+    "PackedBatch",
+    "pack_sequences",
+    "MASK_MODES",
+    "TOKENIZER_FILES",
+    "as_tokenizer",
+    "check_tokenizer_fits",
+]
 
 MASK_MODES = ("exact", "nvembed_compat", "none")
 #: Files a tokenizer's ``save_pretrained`` (ours or transformers') may write into a model directory.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 _SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token")
 
 
@@ -66,8 +84,15 @@ class TextTokenizer:
         7
     """
 
-    def __init__(self, tokenizer: Any, *, bos_token: str | None = None, eos_token: str | None = None,
-                 pad_token: str | None = None, config: dict | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        config: dict | None = None,
+    ) -> None:
         import tokenizers
 
         self._config = dict(config or {})
@@ -86,14 +111,19 @@ class TextTokenizer:
             # special_tokens_map lists only the tokens that are set (reading an unset
             # tokenizer.bos_token logs an error in transformers 4)
             smap = getattr(tokenizer, "special_tokens_map", None) or {}
-            self._special = {k: given[k] if given[k] is not None else _token_content(smap.get(k))
-                             for k in _SPECIAL_NAMES}
+            self._special = {
+                k: given[k] if given[k] is not None else _token_content(smap.get(k)) for k in _SPECIAL_NAMES
+            }
         elif hasattr(tokenizer, "is_fast") or hasattr(tokenizer, "tokenize"):
-            raise TypeError(f"{type(tokenizer).__name__} is a slow (python) tokenizer without character "
-                            "offsets; load the fast tokenizer (tokenizer.json, use_fast=True)")
+            raise TypeError(
+                f"{type(tokenizer).__name__} is a slow (python) tokenizer without character "
+                "offsets; load the fast tokenizer (tokenizer.json, use_fast=True)"
+            )
         else:
-            raise TypeError("tokenizer must be a tokenizers.Tokenizer, a transformers fast tokenizer or a "
-                            f"TextTokenizer, got {type(tokenizer).__name__}")
+            raise TypeError(
+                "tokenizer must be a tokenizers.Tokenizer, a transformers fast tokenizer or a "
+                f"TextTokenizer, got {type(tokenizer).__name__}"
+            )
         self._ids = {}
         for name in _SPECIAL_NAMES:
             token = self._special[name]
@@ -109,14 +139,14 @@ class TextTokenizer:
 
     # construction / persistence -------------------------------------------------------------------
     @classmethod
-    def wrap(cls, tokenizer: Any, **special_tokens: str | None) -> "TextTokenizer":
+    def wrap(cls, tokenizer: Any, **special_tokens: str | None) -> TextTokenizer:
         """A TextTokenizer over ``tokenizer`` (returned unchanged if it already is one)."""
         if isinstance(tokenizer, TextTokenizer):
             return tokenizer
         return cls(tokenizer, **special_tokens)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "TextTokenizer":
+    def from_pretrained(cls, path: str | Path) -> TextTokenizer:
         """Load ``tokenizer.json`` from a local directory (or the file's path), with the special
         tokens named in ``tokenizer_config.json`` / ``special_tokens_map.json`` when present."""
         import tokenizers
@@ -128,7 +158,8 @@ class TextTokenizer:
             raise FileNotFoundError(
                 f"no tokenizer.json at {str(path)!r} (a local directory with tokenizer.json, optionally "
                 "tokenizer_config.json / special_tokens_map.json, is needed; convert a sentencepiece-only "
-                "tokenizer with transformers' AutoTokenizer(...).save_pretrained first)")
+                "tokenizer with transformers' AutoTokenizer(...).save_pretrained first)"
+            )
         config: dict = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later files win
             f = directory / name
@@ -142,8 +173,9 @@ class TextTokenizer:
         try:
             return cls(backend, config=config, **special)
         except ValueError as e:  # a special token the vocabulary lacks
-            raise ValueError(f"{file}: {e} (special tokens from {directory}'s tokenizer_config.json / "
-                             "special_tokens_map.json)") from None
+            raise ValueError(
+                f"{file}: {e} (special tokens from {directory}'s tokenizer_config.json / special_tokens_map.json)"
+            ) from None
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write tokenizer.json + tokenizer_config.json into ``path`` (loads back with
@@ -201,13 +233,23 @@ class TextTokenizer:
             return []
         if self.backend == "tokenizers":
             encs = self.tokenizer.encode_batch(texts, add_special_tokens=True)
-            return [(list(e.ids), [tuple(o) for o in e.offsets], [bool(s) for s in e.special_tokens_mask])
-                    for e in encs]
-        out = self.tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True,
-                             return_special_tokens_mask=True, return_attention_mask=False,
-                             return_token_type_ids=False, padding=False, truncation=False)
-        return [(list(ids), [tuple(o) for o in offs], [bool(s) for s in spec]) for ids, offs, spec
-                in zip(out["input_ids"], out["offset_mapping"], out["special_tokens_mask"])]
+            return [
+                (list(e.ids), [tuple(o) for o in e.offsets], [bool(s) for s in e.special_tokens_mask]) for e in encs
+            ]
+        out = self.tokenizer(
+            texts,
+            add_special_tokens=True,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=True,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            padding=False,
+            truncation=False,
+        )
+        return [
+            (list(ids), [tuple(o) for o in offs], [bool(s) for s in spec])
+            for ids, offs, spec in zip(out["input_ids"], out["offset_mapping"], out["special_tokens_mask"])
+        ]
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.backend == "tokenizers":
@@ -223,8 +265,10 @@ class TextTokenizer:
         return len(self.encode(text, add_special_tokens=False)) if text else 0
 
     def __repr__(self) -> str:
-        return (f"TextTokenizer(backend={self.backend!r}, vocab_size={self.vocab_size}, bos={self.bos_token!r}, "
-                f"eos={self.eos_token!r}, pad={self.pad_token!r})")
+        return (
+            f"TextTokenizer(backend={self.backend!r}, vocab_size={self.vocab_size}, bos={self.bos_token!r}, "
+            f"eos={self.eos_token!r}, pad={self.pad_token!r})"
+        )
 
 
 def as_tokenizer(tokenizer: Any) -> TextTokenizer | None:
@@ -242,8 +286,13 @@ def as_tokenizer(tokenizer: Any) -> TextTokenizer | None:
     return TextTokenizer.wrap(tokenizer)
 
 
-def check_tokenizer_fits(tokenizer: TextTokenizer, num_embeddings: int, *, source: str = "the tokenizer",
-                         table: str = "the model's embedding table") -> None:
+def check_tokenizer_fits(
+    tokenizer: TextTokenizer,
+    num_embeddings: int,
+    *,
+    source: str = "the tokenizer",
+    table: str = "the model's embedding table",
+) -> None:
     """Raise ValueError when ``tokenizer`` has a token id >= ``num_embeddings`` (the rows of a
     model's embedding table): such a pair loads, then fails with an IndexError at the first text
     holding that token. Fewer ids than rows is normal (padded vocabularies, e.g. 32768 rows for
@@ -260,9 +309,11 @@ def check_tokenizer_fits(tokenizer: TextTokenizer, num_embeddings: int, *, sourc
     # The largest id, not the count: vocabularies may have gaps.
     ids = max(vocab.values(), default=-1) + 1
     if ids > num_embeddings:
-        raise ValueError(f"{source} has {ids} ids (largest {ids - 1}) but {table} has {num_embeddings} rows: "
-                         f"token ids >= {num_embeddings} would fail at encode; use the tokenizer the model was "
-                         "trained with")
+        raise ValueError(
+            f"{source} has {ids} ids (largest {ids - 1}) but {table} has {num_embeddings} rows: "
+            f"token ids >= {num_embeddings} would fail at encode; use the tokenizer the model was "
+            "trained with"
+        )
 
 
 @dataclass
@@ -286,7 +337,7 @@ class TokenizedTexts:
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
 
-    def pack(self) -> "PackedBatch":
+    def pack(self) -> PackedBatch:
         return pack_sequences(self.input_ids, self.pool_mask)
 
 
@@ -303,9 +354,15 @@ def _check_texts(texts: Any) -> list[str]:
     return texts
 
 
-def tokenize_with_prompts(tokenizer: Any, texts: Sequence[str], prefix: str | Sequence[str] = "", *,
-                          max_length: int | None = None, add_eos: bool = True,
-                          mask_instruction: str = "exact") -> TokenizedTexts:
+def tokenize_with_prompts(
+    tokenizer: Any,
+    texts: Sequence[str],
+    prefix: str | Sequence[str] = "",
+    *,
+    max_length: int | None = None,
+    add_eos: bool = True,
+    mask_instruction: str = "exact",
+) -> TokenizedTexts:
     """Tokenise ``prefix + text`` for every text and build the pool masks.
 
     Args:
@@ -334,8 +391,7 @@ def tokenize_with_prompts(tokenizer: Any, texts: Sequence[str], prefix: str | Se
     """
     if mask_instruction not in MASK_MODES:
         raise ValueError(f"mask_instruction must be one of {MASK_MODES}, got {mask_instruction!r}")
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
-                                   or max_length < 1):
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
     texts = _check_texts(texts)
     if isinstance(prefix, str):
@@ -371,17 +427,22 @@ def tokenize_with_prompts(tokenizer: Any, texts: Sequence[str], prefix: str | Se
         if add_eos:
             special[-1] = True  # a literal EOS ending the text is kept last too
         # trailing specials survive truncation; NV-Embed truncates its appended EOS like text
-        tail = 0 if mask_instruction == "nvembed_compat" else \
-            len(ids) - next((j + 1 for j in reversed(range(len(ids))) if not special[j]), 0)
+        tail = (
+            0
+            if mask_instruction == "nvembed_compat"
+            else len(ids) - next((j + 1 for j in reversed(range(len(ids))) if not special[j]), 0)
+        )
         head = min(head, len(ids) - tail)
         truncated = max_length is not None and len(ids) > max_length
         if truncated:
             if head + tail > max_length:
-                raise ValueError(f"max_length={max_length} cannot hold the prefix and special tokens of "
-                                 f"text {i} ({head + tail} tokens); raise max_length or shorten the prefix")
+                raise ValueError(
+                    f"max_length={max_length} cannot hold the prefix and special tokens of "
+                    f"text {i} ({head + tail} tokens); raise max_length or shorten the prefix"
+                )
             keep = max_length - tail
-            ids = ids[:keep] + ids[len(ids) - tail:]
-            instr = instr[:keep] + instr[len(instr) - tail:]
+            ids = ids[:keep] + ids[len(ids) - tail :]
+            instr = instr[:keep] + instr[len(instr) - tail :]
         if not ids:
             raise ValueError(f"text {i} and its prefix produced no tokens (empty, and add_eos=False or no EOS)")
         if mask_instruction == "exact":
@@ -427,9 +488,10 @@ class PackedBatch:
         """[B] int64 sequence lengths."""
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
-        return PackedBatch(self.input_ids.to(device), self.cu_seqlens.to(device), self.pool_mask.to(device),
-                           self.max_seqlen)
+    def to(self, device: torch.device | str) -> PackedBatch:
+        return PackedBatch(
+            self.input_ids.to(device), self.cu_seqlens.to(device), self.pool_mask.to(device), self.max_seqlen
+        )
 
     def padded(self, pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded (input_ids [B, L] int64, attention_mask [B, L] bool, pool_mask [B, L] bool),
@@ -467,5 +529,9 @@ def pack_sequences(input_ids: Sequence[Sequence[int]], pool_mask: Sequence[Seque
         cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0).to(torch.int32)
     flat_ids = [int(t) for ids in input_ids for t in ids]
     flat_mask = [bool(m) for mask in pool_mask for m in mask]
-    return PackedBatch(torch.tensor(flat_ids, dtype=torch.int64), cu,
-                       torch.tensor(flat_mask, dtype=torch.bool), max(lengths, default=0))
+    return PackedBatch(
+        torch.tensor(flat_ids, dtype=torch.int64),
+        cu,
+        torch.tensor(flat_mask, dtype=torch.bool),
+        max(lengths, default=0),
+    )

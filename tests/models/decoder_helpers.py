@@ -8,15 +8,23 @@ import torch
 
 FAMILIES = ("mistral", "llama", "qwen2")
 TINY = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
 )
 
 
 def hf_config(family: str, **overrides):
     import transformers
 
-    cls = {"mistral": transformers.MistralConfig, "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
+    cls = {"mistral": transformers.MistralConfig, "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[
+        family
+    ]
     kwargs = dict(TINY)
     if family == "mistral":
         kwargs["sliding_window"] = None
@@ -29,7 +37,9 @@ def hf_model(family: str, **overrides):
     attention is far from uniform (the default 0.02 init would hide mask and rotary errors)."""
     import transformers
 
-    cls = {"mistral": transformers.MistralModel, "llama": transformers.LlamaModel, "qwen2": transformers.Qwen2Model}[family]
+    cls = {"mistral": transformers.MistralModel, "llama": transformers.LlamaModel, "qwen2": transformers.Qwen2Model}[
+        family
+    ]
     model = cls(hf_config(family, **overrides)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -45,11 +45,22 @@ def nvembed_dir(path: Path, tokenizer: str = "metaspace"):
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     text_config = backbone.config.to_dict()
     config = {
-        "architectures": ["NVEmbedModel"], "model_type": "nvembed", "add_eos": True, "add_pad_token": True,
-        "is_mask_instruction": True, "padding_side": "right", "mask_type": "b",
-        "latent_attention_config": {"model_type": "latent_attention", "num_latents_value": LATENT["num_latents"],
-                                    "num_cross_heads": LATENT["num_heads"], "output_normalize": True,
-                                    "hidden_dim": HIDDEN, "latent_dim": HIDDEN, "cross_dim_head": LATENT["dim_head"]},
+        "architectures": ["NVEmbedModel"],
+        "model_type": "nvembed",
+        "add_eos": True,
+        "add_pad_token": True,
+        "is_mask_instruction": True,
+        "padding_side": "right",
+        "mask_type": "b",
+        "latent_attention_config": {
+            "model_type": "latent_attention",
+            "num_latents_value": LATENT["num_latents"],
+            "num_cross_heads": LATENT["num_heads"],
+            "output_normalize": True,
+            "hidden_dim": HIDDEN,
+            "latent_dim": HIDDEN,
+            "cross_dim_head": LATENT["dim_head"],
+        },
         "text_config": text_config,
     }
     (path / "config.json").write_text(json.dumps(config, indent=2))

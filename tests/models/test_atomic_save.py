@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from latentembed.models.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, load_decoder, save_decoder
-from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.decoder import DecoderModel
+from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.embedding import EmbeddingModel
 from latentembed.models.embedding_config import EmbeddingConfig
 from latentembed.tokenization import TextTokenizer
@@ -20,8 +20,16 @@ from tests.tokenizer_helpers import raw_tokenizer
 
 
 def _decoder(vocab=160, **overrides) -> DecoderModel:
-    cfg = DecoderConfig(vocab_size=vocab, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **overrides)
+    cfg = DecoderConfig(
+        vocab_size=vocab,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **overrides,
+    )
     model = DecoderModel(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -41,8 +49,15 @@ def _id_bound(tok: TextTokenizer) -> int:
 def _embedding_model(vocab=None, tokenizer=True, **config) -> EmbeddingModel:
     tok = _tokenizer() if tokenizer else None
     vocab = vocab or (_id_bound(tok) if tok else 163)
-    cfg = DecoderConfig(vocab_size=vocab, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = DecoderConfig(
+        vocab_size=vocab,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = EmbeddingModel(cfg, EmbeddingConfig(**config), tokenizer=tok)
     with torch.no_grad():
         for p in model.parameters():
@@ -59,6 +74,7 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 # -- no stale file survives a save ------------------------------------------------------------------
+
 
 def test_save_decoder_to_one_file_over_a_sharded_save_loads_the_new_weights(tmp_path):
     old, new = _decoder(), _decoder()
@@ -131,6 +147,7 @@ def test_a_save_does_not_delete_a_users_files(tmp_path):
 
 
 # -- load-time errors name the file, the key or the sizes -----------------------------------------
+
 
 def test_invalid_json_in_latentembed_json_names_the_file(tmp_path):
     _embedding_model().save_pretrained(tmp_path / "m")

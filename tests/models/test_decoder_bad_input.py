@@ -19,9 +19,19 @@ from .test_decoder_inputs import tiny
 VOCAB = 128
 
 
-@pytest.mark.parametrize("argument", ["input_ids", "inputs_embeds", "attention_mask", "position_ids",
-                                      "packed input_ids", "packed inputs_embeds", "cu_seqlens",
-                                      "packed position_ids"])
+@pytest.mark.parametrize(
+    "argument",
+    [
+        "input_ids",
+        "inputs_embeds",
+        "attention_mask",
+        "position_ids",
+        "packed input_ids",
+        "packed inputs_embeds",
+        "cu_seqlens",
+        "packed position_ids",
+    ],
+)
 def test_every_tensor_input_must_be_on_the_models_device(argument):
     """A meta tensor stands for any other device: before, meta input_ids came back as
     uninitialised memory and meta position_ids as 'unsupported scalarType'."""
@@ -107,9 +117,19 @@ def test_cu_seqlens_as_a_list_is_a_type_error_everywhere():
 
 # -- config.json --------------------------------------------------------------------------
 
-BASE = dict(model_type="mistral", vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
-            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-            rope_theta=10000, max_position_embeddings=64, tie_word_embeddings=False)
+BASE = dict(
+    model_type="mistral",
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    rope_theta=10000,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
 
 
 def _write(tmp_path, text: str):
@@ -162,8 +182,11 @@ def test_wrong_types_inside_text_config_and_rope_scaling(tmp_path):
     msg = f"{path}: text_config.intermediate_size must be an integer, got '48' (str)"
     with pytest.raises(TypeError, match=re.escape(msg)):
         DecoderConfig.from_hf_config(path)
-    scaled = dict(BASE, model_type="llama", rope_scaling=dict(rope_type="llama3", factor="8.0", low_freq_factor=1.0,
-                                                             high_freq_factor=4.0))
+    scaled = dict(
+        BASE,
+        model_type="llama",
+        rope_scaling=dict(rope_type="llama3", factor="8.0", low_freq_factor=1.0, high_freq_factor=4.0),
+    )
     path = _write(tmp_path, json.dumps(scaled))
     with pytest.raises(TypeError, match=re.escape(f"{path}: rope_scaling.factor must be a number, got '8.0' (str)")):
         DecoderConfig.from_hf_config(path)
@@ -175,15 +198,20 @@ def test_dict_source_and_direct_construction_check_types_too():
     with pytest.raises(TypeError, match=re.escape("num_attention_heads must be an integer, got 4.0 (float)")):
         DecoderConfig(vocab_size=8, hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4.0)
     with pytest.raises(TypeError, match=re.escape("qkv_bias must be a boolean, got 'no' (str)")):
-        DecoderConfig(vocab_size=8, hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4,
-                      qkv_bias="no")
+        DecoderConfig(
+            vocab_size=8, hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=4, qkv_bias="no"
+        )
 
 
 def test_valid_numbers_still_load(tmp_path):
     """Integers are fine where floats are expected (rope_theta: 10000 is common), nulls where
     a field is optional."""
-    path = _write(tmp_path, json.dumps(dict(BASE, rope_theta=500000, rms_norm_eps=1e-5, sliding_window=None,
-                                            head_dim=None, pad_token_id=None)))
+    path = _write(
+        tmp_path,
+        json.dumps(
+            dict(BASE, rope_theta=500000, rms_norm_eps=1e-5, sliding_window=None, head_dim=None, pad_token_id=None)
+        ),
+    )
     cfg = DecoderConfig.from_hf_config(path)
     assert cfg.rope_theta == 500000.0 and isinstance(cfg.rope_theta, float)
     assert cfg.hidden_size == 32 and cfg.head_dim == 8 and cfg.sliding_window is None

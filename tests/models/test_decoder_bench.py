@@ -1,12 +1,12 @@
 """The decoder benchmark module runs on CPU (tiny fp32 workload) and reports the targets."""
 
-import torch
-
 import time
 
+import torch
+
 from latentembed.bench import BENCHMARKS, decoder
-from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.decoder import DecoderModel
+from latentembed.models.decoder_config import DecoderConfig
 
 
 def test_decoder_benchmark_runs_on_cpu(monkeypatch):
@@ -36,8 +36,9 @@ def test_useful_flops_counts_projections_and_attention():
 
 
 def test_compile_layers_keeps_parameter_names():
-    model = DecoderModel(DecoderConfig(vocab_size=16, hidden_size=16, intermediate_size=24,
-                                       num_hidden_layers=2, num_attention_heads=2))
+    model = DecoderModel(
+        DecoderConfig(vocab_size=16, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2)
+    )
     names = list(model.state_dict())
     model.compile_layers(backend="eager")
     assert list(model.state_dict()) == names

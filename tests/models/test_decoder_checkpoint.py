@@ -7,7 +7,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from latentembed.models.checkpoint import (
-    INDEX_FILE, SINGLE_FILE, CheckpointError, load_decoder, save_decoder,
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointError,
+    load_decoder,
+    save_decoder,
 )
 
 from .decoder_helpers import hf_model, random_batch, rel_err, save_hf

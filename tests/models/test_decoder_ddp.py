@@ -15,12 +15,20 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.decoder import DecoderModel
+from latentembed.models.decoder_config import DecoderConfig
 
 WORLD = 2
-CONFIG = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, model_type="qwen2", qkv_bias=True)
+CONFIG = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    model_type="qwen2",
+    qkv_bias=True,
+)
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -10,7 +10,14 @@ import torch
 from latentembed.models.checkpoint import load_decoder
 
 from .decoder_helpers import (
-    FAMILIES, bidirectional_mask_4d, hf_model, hf_positions, pack, random_batch, rel_err, save_hf,
+    FAMILIES,
+    bidirectional_mask_4d,
+    hf_model,
+    hf_positions,
+    pack,
+    random_batch,
+    rel_err,
+    save_hf,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -102,8 +109,14 @@ def test_token_gradient_through_embedding_table(family, tmp_path):
 
 
 def test_llama3_rope_scaling_matches_transformers(tmp_path):
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8,
+    }
     hf, ours = _pair("llama", tmp_path, rope_parameters=rope)
     assert ours.config.rope_scaling["rope_type"] == "llama3"
     ids, mask = random_batch([21, 13])

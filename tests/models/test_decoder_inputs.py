@@ -5,9 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.decoder import DecoderModel
-from latentembed.modules.attention import AttentionInputs, dense_packed_mask, dense_padding_mask, select_attention_backend
+from latentembed.models.decoder_config import DecoderConfig
+from latentembed.modules.attention import (
+    AttentionInputs,
+    dense_packed_mask,
+    dense_padding_mask,
+    select_attention_backend,
+)
 from latentembed.ops.dispatch import BackendUnavailableError
 from tests.tolerances import assert_within_budget
 
@@ -17,9 +22,16 @@ LENGTHS = [9, 1, 4, 7, 3]
 
 
 def tiny(family="mistral", **overrides) -> DecoderModel:
-    kwargs = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, model_type=family,
-                  qkv_bias=family == "qwen2")
+    kwargs = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        model_type=family,
+        qkv_bias=family == "qwen2",
+    )
     kwargs.update(overrides)
     model = DecoderModel(DecoderConfig(**kwargs)).eval()
     with torch.no_grad():
@@ -39,8 +51,8 @@ def test_padded_packed_unpadded_left_right_agree(family, causal, backend):
     left_ids = torch.zeros_like(ids)
     left_mask = torch.zeros_like(mask)
     for b, n in enumerate(LENGTHS):  # the same tokens, moved to the right end
-        left_ids[b, ids.shape[1] - n:] = ids[b, :n]
-        left_mask[b, ids.shape[1] - n:] = True
+        left_ids[b, ids.shape[1] - n :] = ids[b, :n]
+        left_mask[b, ids.shape[1] - n :] = True
     kw = dict(causal=causal, attn_backend=backend)
     with torch.no_grad():
         packed = model(packed_ids, cu_seqlens=cu, **kw).last_hidden_state
@@ -85,8 +97,9 @@ def test_padding_never_makes_nan(causal):
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_float64_gradcheck(layout):
-    model = tiny(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=1).double()
+    model = tiny(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1
+    ).double()
     ids, mask = random_batch([3, 2])
     x = model.embed_tokens(ids).detach()
     if layout == "packed":
@@ -233,8 +246,12 @@ def test_config_rejects_bad_values():
         DecoderConfig(**base, num_key_value_heads=3)
     with pytest.raises(ValueError, match="rope_type must be one of"):
         DecoderConfig(**base, rope_scaling={"rope_type": "yarn", "factor": 2.0})
-    old_style = dict(base, model_type="llama", rope_theta=5e5,
-                     rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0})
+    old_style = dict(
+        base,
+        model_type="llama",
+        rope_theta=5e5,
+        rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    )
     cfg = DecoderConfig.from_hf_config(old_style)
     assert cfg.rope_theta == 5e5 and cfg.rope_scaling["original_max_position_embeddings"] == 32768
 
@@ -242,8 +259,16 @@ def test_config_rejects_bad_values():
 def test_config_copies_the_callers_rope_scaling():
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
     given = dict(scaling)
-    cfg = DecoderConfig(vocab_size=8, hidden_size=16, intermediate_size=8, num_hidden_layers=1,
-                        num_attention_heads=2, model_type="llama", rope_scaling=given, max_position_embeddings=64)
+    cfg = DecoderConfig(
+        vocab_size=8,
+        hidden_size=16,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        model_type="llama",
+        rope_scaling=given,
+        max_position_embeddings=64,
+    )
     assert given == scaling
     assert cfg.rope_scaling == dict(scaling, original_max_position_embeddings=64)
 
@@ -293,7 +318,9 @@ def test_gpu_backends_bf16_within_budget(backend, causal):
         xs = x.to(dtype).requires_grad_()
         if padded:
             full = torch.zeros(*mask.shape, 256, device="cuda", dtype=dtype).masked_scatter(mask[..., None], xs)
-            out = model(inputs_embeds=full, attention_mask=mask, causal=causal, attn_backend=name).last_hidden_state[mask]
+            out = model(inputs_embeds=full, attention_mask=mask, causal=causal, attn_backend=name).last_hidden_state[
+                mask
+            ]
         else:
             out = model(inputs_embeds=xs, cu_seqlens=cu, causal=causal, attn_backend=name).last_hidden_state
         out.backward(grad_out.to(dtype))

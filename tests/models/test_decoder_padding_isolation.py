@@ -56,7 +56,7 @@ def test_padding_embeddings_never_reach_real_tokens(left, causal, backend, unpad
     grad_out = torch.randn_like(x)
     kw = dict(causal=causal, attn_backend=backend, unpad=unpad)
     base = _run(model, mask, grad_out, embeds=x, **kw)
-    for name, value in POISONS.items():
+    for value in POISONS.values():
         poisoned = torch.where(mask[..., None], x, value)
         _assert_identical(_run(model, mask, grad_out, embeds=poisoned, **kw), base, mask)
     other = torch.where(mask[..., None], x, 100 * torch.randn_like(x))

@@ -13,10 +13,17 @@ LATENT = dict(num_latents=4, num_heads=2, dim_head=16, ff_mult=2)
 
 @pytest.mark.parametrize("pooling", ["latent_attention", "mean", "last", "weighted_mean"])
 def test_fp16_text_with_nothing_to_pool_gives_finite_gradients(pooling):
-    cfg = DecoderConfig(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2)
-    config = EmbeddingConfig(pooling=pooling, normalize=True,
-                             latent_attention=LATENT if pooling == "latent_attention" else None)
+    cfg = DecoderConfig(
+        vocab_size=128,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    config = EmbeddingConfig(
+        pooling=pooling, normalize=True, latent_attention=LATENT if pooling == "latent_attention" else None
+    )
     model = EmbeddingModel(cfg, config).half().train()
     ids = torch.randint(0, 128, (3, 6))
     mask = torch.ones(3, 6, dtype=torch.bool)

@@ -32,8 +32,9 @@ def test_bf16_encode_packed_equals_padded_and_tracks_fp32(pooling):
 
 
 def test_bf16_autocast_training_step_on_cuda(tmp_path):
-    result = train(TrainConfig(steps=4, stage2_steps=2, batch_size=8, device="cuda", eval=False, quiet=True,
-                               output=str(tmp_path)))
+    result = train(
+        TrainConfig(steps=4, stage2_steps=2, batch_size=8, device="cuda", eval=False, quiet=True, output=str(tmp_path))
+    )
     losses = [e["loss"] for e in result["loss_history"]]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     assert next(result["model"].parameters()).device.type == "cuda"

@@ -35,11 +35,19 @@ TEXTS = [
 
 
 def tiny_model(pooling="mean", tokenizer="metaspace", adapters=None, **config) -> EmbeddingModel:
-    cfg = DecoderConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = DecoderConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     latent = dict(LATENT) if pooling == "latent_attention" else None
-    model = EmbeddingModel(cfg, EmbeddingConfig(pooling=pooling, latent_attention=latent, **config),
-                           tokenizer=hf_tokenizer(tokenizer)).eval()
+    model = EmbeddingModel(
+        cfg, EmbeddingConfig(pooling=pooling, latent_attention=latent, **config), tokenizer=hf_tokenizer(tokenizer)
+    ).eval()
     if adapters:
         model.add_adapters(adapters, rank=4, alpha=8)
         with torch.no_grad():  # fresh adapters are zero in B: make them matter
@@ -54,14 +62,16 @@ def hf_reference_embeddings(backbone, tok, texts, prefix, pool, n_masked=0):
     batch = tok([prefix + t + tok.eos_token for t in texts], padding=True, return_tensors="pt")
     mask = batch["attention_mask"].bool()
     with torch.no_grad():
-        hidden = backbone(batch["input_ids"], attention_mask=bidirectional_mask_4d(mask),
-                          position_ids=hf_positions(mask)).last_hidden_state
+        hidden = backbone(
+            batch["input_ids"], attention_mask=bidirectional_mask_4d(mask), position_ids=hf_positions(mask)
+        ).last_hidden_state
     pool_mask = mask.clone()
     pool_mask[:, :n_masked] = False
     return pool(hidden, pool_mask)
 
 
 # -- latentembed's own format --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("pooling", ["mean", "latent_attention", "last"])
 def test_save_load_round_trip_is_exact(tmp_path, pooling):
@@ -101,13 +111,16 @@ def test_save_adapters_writes_peft_directories_that_load_back(tmp_path):
     paths = model.save_adapters(tmp_path / "adapters")
     assert [p.name for p in paths] == ["query", "passage"]
     model.save_pretrained(tmp_path / "base")  # the same model; its adapters then get overwritten
-    fresh = EmbeddingModel.from_pretrained(tmp_path / "base", adapters={n: tmp_path / "adapters" / n for n in ("query", "passage")})
+    fresh = EmbeddingModel.from_pretrained(
+        tmp_path / "base", adapters={n: tmp_path / "adapters" / n for n in ("query", "passage")}
+    )
     for task in ("query", "passage"):
         ids, mask = torch.randint(0, VOCAB_SIZE, (3, 8)), torch.ones(3, 8, dtype=torch.bool)
         assert rel_err(fresh(ids, mask, tasks=task), model(ids, mask, tasks=task)) <= 1e-6
 
 
 # -- NV-Embed-v2 style ---------------------------------------------------------------------------
+
 
 def test_nvembed_checkpoint_matches_the_public_recipe(tmp_path):
     path, backbone, head = nvembed_dir(tmp_path)
@@ -127,6 +140,7 @@ def test_nvembed_checkpoint_matches_the_public_recipe(tmp_path):
 
 
 # -- plain decoders, PEFT adapters --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family,tokenizer", [("mistral", "metaspace"), ("qwen2", "bpe"), ("llama", "wordpiece")])
 def test_plain_decoder_last_token_pooling_matches_transformers(tmp_path, family, tokenizer):
@@ -150,8 +164,9 @@ def test_plain_decoder_last_token_pooling_matches_transformers(tmp_path, family,
         batch = tok(texts, padding=True, return_tensors="pt")
         mask = batch["attention_mask"].bool()
         with torch.no_grad():
-            hidden = backbone(batch["input_ids"], attention_mask=bidirectional_mask_4d(mask),
-                              position_ids=hf_positions(mask)).last_hidden_state
+            hidden = backbone(
+                batch["input_ids"], attention_mask=bidirectional_mask_4d(mask), position_ids=hf_positions(mask)
+            ).last_hidden_state
         ref = last(hidden, mask)
     assert rel_err(model.encode(texts), ref) <= 1e-5
 
@@ -160,13 +175,17 @@ def test_peft_adapter_directory_matches_peft(tmp_path):
     peft = pytest.importorskip("peft")
     plain_decoder_dir(tmp_path / "base")
     backbone = transformers.MistralModel.from_pretrained(str(tmp_path / "base")).eval()
-    peft_model = peft.get_peft_model(backbone, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    peft_model = peft.get_peft_model(
+        backbone, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)
     peft_model.save_pretrained(str(tmp_path / "adapter"))
-    model = EmbeddingModel.from_pretrained(tmp_path / "base", pooling="mean", adapters={"query": tmp_path / "adapter"}).eval()
+    model = EmbeddingModel.from_pretrained(
+        tmp_path / "base", pooling="mean", adapters={"query": tmp_path / "adapter"}
+    ).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "base"))
 
     def mean(hidden, mask):
@@ -181,6 +200,7 @@ def test_peft_adapter_directory_matches_peft(tmp_path):
 
 
 # -- forward and encode ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("pooling", ["mean", "last", "weighted_mean", "latent_attention"])
 def test_packed_equals_padded(pooling):
@@ -214,8 +234,8 @@ def test_per_sample_tasks_route_adapters():
     tasks = ["query", "passage", "base", "query"]
     mixed = model(ids, mask, tasks=tasks)
     for i, task in enumerate(tasks):
-        alone = model(ids[i:i + 1], mask[i:i + 1], tasks=task)
-        assert rel_err(mixed[i:i + 1], alone) <= 1e-5
+        alone = model(ids[i : i + 1], mask[i : i + 1], tasks=task)
+        assert rel_err(mixed[i : i + 1], alone) <= 1e-5
     assert rel_err(model(ids, mask, tasks="query"), model(ids, mask, tasks="passage")) > 1e-3
     # the same mixed routing on packed input
     cu = torch.zeros(5, dtype=torch.int32)
@@ -293,8 +313,11 @@ def test_from_pretrained_errors(tmp_path):
     meta = json.loads((tmp_path / "lat" / "latentembed.json").read_text())
     meta["embedding"]["latent_attention"]["num_latents"] += 1
     (tmp_path / "lat" / "latentembed.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=r"1 wrong shape: pooling\.latent_attention\.latents: checkpoint \(6, 64\), "
-                                              r"model \(7, 64\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"1 wrong shape: pooling\.latent_attention\.latents: checkpoint \(6, 64\), "
+        r"model \(7, 64\)",
+    ):
         EmbeddingModel.from_pretrained(tmp_path / "lat")
     model.save_pretrained(tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").unlink()

@@ -26,12 +26,13 @@ def run_in_threads(work, rounds: int) -> list:
     for _ in range(rounds):
         out = [None] * len(TASKS)
 
-        def target(i):
+        def target(i, out=out):
             barrier.wait()
             try:
                 out[i] = work(i)
             except Exception as e:  # noqa: BLE001 - a wrong answer and a crash both fail below
                 out[i] = e
+
         threads = [threading.Thread(target=target, args=(i,)) for i in range(len(TASKS))]
         for t in threads:
             t.start()
@@ -78,7 +79,7 @@ def test_model_still_copies_and_pickles_after_threaded_encode():
     clones = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
     for clone in clones:
         assert clone.template == model.template
-        got = run_in_threads(lambda i: clone.encode(TEXTS, task=TASKS[i]), rounds=1)[0]
+        got = run_in_threads(lambda i, clone=clone: clone.encode(TEXTS, task=TASKS[i]), rounds=1)[0]
         assert rel_err(got[0], expected) <= 1e-6
 
 
@@ -96,8 +97,9 @@ def test_checkpointed_backward_on_another_thread_recomputes_with_each_forwards_r
         q = model(q_ids, mask, tasks="query")
         p = model(p_ids, mask, tasks=["passage", "base", "query"])
         loss = (q * p).sum() + q.square().sum()
-        out = run_in_threads(lambda i: torch.autograd.grad(loss, params, retain_graph=True) if i == 0 else None,
-                             rounds=1)[0][0]
+        out = run_in_threads(
+            lambda i, loss=loss: torch.autograd.grad(loss, params, retain_graph=True) if i == 0 else None, rounds=1
+        )[0][0]
         assert not isinstance(out, Exception), out
         grads[checkpointing] = out
     for g, g_ckpt in zip(grads[False], grads[True]):

@@ -34,10 +34,13 @@ def backend_params():
     return [pytest.param("reference", id="reference"), pytest.param("triton", id="triton", marks=marks)]
 
 
-def random_layer(d_in=37, d_out=29, backend="reference", dtype=torch.float32, freeze_base=True, **kw) -> MultiLoRALinear:
+def random_layer(
+    d_in=37, d_out=29, backend="reference", dtype=torch.float32, freeze_base=True, **kw
+) -> MultiLoRALinear:
     """A MultiLoRALinear with random non-zero A and B (B is zero after PEFT-style init)."""
-    layer = MultiLoRALinear(nn.Linear(d_in, d_out).to(dtype), ADAPTERS, RANKS, ALPHAS, backend=backend,
-                            freeze_base=freeze_base, **kw)
+    layer = MultiLoRALinear(
+        nn.Linear(d_in, d_out).to(dtype), ADAPTERS, RANKS, ALPHAS, backend=backend, freeze_base=freeze_base, **kw
+    )
     randomize(layer)
     return layer
 
@@ -65,8 +68,9 @@ def reference_rows(x2, weight, bias, lora_a, lora_b, ranks, scalings, index):
     return torch.stack(rows)
 
 
-def reference_forward(layer: MultiLoRALinear, x: torch.Tensor, row_index: torch.Tensor, dtype=torch.float64,
-                      grads: bool = False):
+def reference_forward(
+    layer: MultiLoRALinear, x: torch.Tensor, row_index: torch.Tensor, dtype=torch.float64, grads: bool = False
+):
     """The layer's output by the per-row loop in ``dtype``; with ``grads`` also returns the leaves
     (x, weight, bias, lora_a, lora_b) that require grad, for autograd.grad."""
     leaves = [t.detach().to(dtype).requires_grad_(grads) for t in (x, layer.weight, layer.lora_a, layer.lora_b)]

@@ -9,12 +9,11 @@ W times the reference's (DDP's gradient averaging divides the parameter gradient
 """
 
 import datetime
+import inspect
 import os
 import socket
 import tempfile
 import time
-
-import inspect
 
 import pytest
 import torch
@@ -25,8 +24,9 @@ from latentembed.modules.contrastive import infonce_loss
 from latentembed.modules.distributed import all_gather_with_grad
 from latentembed.ops.infonce import infonce_lse
 
-NEEDS_POS_KEY = pytest.mark.xfail("pos_key" not in inspect.signature(infonce_lse).parameters,
-                                  reason="needs infonce_lse(pos_key=)", strict=False)
+NEEDS_POS_KEY = pytest.mark.xfail(
+    "pos_key" not in inspect.signature(infonce_lse).parameters, reason="needs infonce_lse(pos_key=)", strict=False
+)
 
 WORLD = 2
 B, K, D = 3, 2, 8
@@ -34,8 +34,9 @@ CASES = {
     "plain-sum": dict(reduction="sum"),
     "mean": dict(reduction="mean"),
     "no-in-batch": dict(reduction="sum", in_batch_negatives=False),
-    "everything": dict(reduction="sum", symmetric=True, query_query=True, doc_doc=True, mask_duplicates=True,
-                       margin=0.95),
+    "everything": dict(
+        reduction="sum", symmetric=True, query_query=True, doc_doc=True, mask_duplicates=True, margin=0.95
+    ),
     "dot-threshold": dict(reduction="none", similarity="dot", threshold=4.0, symmetric=True),
     # equal sizes on both ranks (rank 1's extra documents dropped), stated by the caller
     "same-sizes": dict(reduction="sum", symmetric=True, same_sizes=True),
@@ -49,8 +50,12 @@ def make_rank_data():
     data = []
     for r in range(WORLD):
         q = torch.randn(B, D, dtype=torch.float64)
-        docs = torch.cat([q + 0.7 * torch.randn(B, D, dtype=torch.float64),
-                          q.repeat(K, 1) + torch.randn(B * K, D, dtype=torch.float64)])
+        docs = torch.cat(
+            [
+                q + 0.7 * torch.randn(B, D, dtype=torch.float64),
+                q.repeat(K, 1) + torch.randn(B * K, D, dtype=torch.float64),
+            ]
+        )
         if r == 1:  # unequal sizes exercise the padded gather; extra docs belong to no query
             docs = torch.cat([docs, torch.randn(2, D, dtype=torch.float64)])
         data.append([q, docs])
@@ -77,8 +82,15 @@ def single_process(data, options):
         pos.append(p + offset)
         owner.append(torch.where(o >= 0, o + r * B, o))
         offset += d.shape[0]
-    loss = infonce_loss(torch.cat(qs), torch.cat(ds), torch.cat(pos), temperature=0.1, backend="reference",
-                        doc_owner=None if options.get("in_batch_negatives", True) else torch.cat(owner), **options)
+    loss = infonce_loss(
+        torch.cat(qs),
+        torch.cat(ds),
+        torch.cat(pos),
+        temperature=0.1,
+        backend="reference",
+        doc_owner=None if options.get("in_batch_negatives", True) else torch.cat(owner),
+        **options,
+    )
     up = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype) if loss.ndim else torch.ones((), dtype=loss.dtype)
     loss.backward(up.reshape(loss.shape))
     return loss.detach(), [(q.grad, d.grad) for q, d in zip(qs, ds)]
@@ -86,8 +98,13 @@ def single_process(data, options):
 
 def _worker(rank, port, data, out_dir):
     os.environ.pop("LATENTEMBED_BACKEND", None)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         results = {}
         calls = {"all_gather": 0}
@@ -109,13 +126,22 @@ def _worker(rank, port, data, out_dir):
                     loss = infonce_loss(q, d, temperature=0.1, backend="reference", **options)
                 else:
                     pos, owner = layout(d)
-                    loss = infonce_loss(q, d, pos, temperature=0.1, backend="reference",
-                                        doc_owner=None if options.get("in_batch_negatives", True) else owner,
-                                        **options)
+                    loss = infonce_loss(
+                        q,
+                        d,
+                        pos,
+                        temperature=0.1,
+                        backend="reference",
+                        doc_owner=None if options.get("in_batch_negatives", True) else owner,
+                        **options,
+                    )
                 forward_gathers = calls["all_gather"]
                 n = loss.numel()
-                up = (torch.linspace(0.5, 1.5, n * WORLD, dtype=loss.dtype)[rank * n : (rank + 1) * n] if n > 1
-                      else torch.ones(()))
+                up = (
+                    torch.linspace(0.5, 1.5, n * WORLD, dtype=loss.dtype)[rank * n : (rank + 1) * n]
+                    if n > 1
+                    else torch.ones(())
+                )
                 loss.backward(up.reshape(loss.shape).to(loss.dtype))
                 results[name] = (loss.detach(), q.grad, d.grad, forward_gathers)
             except Exception as exc:  # noqa: BLE001 - reported by the test of this case
@@ -192,7 +218,7 @@ def test_all_gather_with_grad_unequal_rows(rank_results):
         gathered, grad = results[r]["gather"]
         torch.testing.assert_close(gathered, expected)
         # every rank's loss weights row j by (j + 1): the owner gets the sum over ranks
-        own = torch.arange(1.0, 4.0)[: 1] if r == 0 else torch.arange(1.0, 4.0)[1:]
+        own = torch.arange(1.0, 4.0)[:1] if r == 0 else torch.arange(1.0, 4.0)[1:]
         torch.testing.assert_close(grad, WORLD * own[:, None].expand(-1, 2))
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from latentembed.modules.contrastive import terms as contrastive_terms
 from latentembed.modules.contrastive import InfoNCELoss, cosine_normalize, duplicate_keys, infonce_loss
+from latentembed.modules.contrastive import terms as contrastive_terms
 from latentembed.ops.infonce import infonce_lse
 from tests.tolerances import ATOL, max_error
 
@@ -36,8 +36,22 @@ def needs_pos_key(options: dict) -> bool:
     return bool(dup and (options.get("query_query") or options.get("doc_doc")))
 
 
-def reference_loss(q, d, pos, scale, *, similarity="cos", owner=None, symmetric=False, query_query=False,
-                   doc_doc=False, threshold=None, margin=None, keys=None, reduction="mean"):
+def reference_loss(
+    q,
+    d,
+    pos,
+    scale,
+    *,
+    similarity="cos",
+    owner=None,
+    symmetric=False,
+    query_query=False,
+    doc_doc=False,
+    threshold=None,
+    margin=None,
+    keys=None,
+    reduction="mean",
+):
     """q [B, D], d [N, D], pos [B], owner [N] (in-batch negatives off), keys [N] (duplicates).
 
     Scores are matmuls in the input dtype, then float32 (float64 for float64) logits."""
@@ -139,10 +153,14 @@ def run_module(q, docs, call, temperature, backend="reference", **options):
     return loss, q, docs, temp
 
 
-def check_against_reference(q, docs, pos, owner, call, temperature, backend="reference", dtype=torch.float32,
-                            **options):
-    ref_options = {k: v for k, v in options.items() if k not in ("in_batch_negatives", "mask_duplicates",
-                                                                  "doc_ids", "negatives_order")}
+def check_against_reference(
+    q, docs, pos, owner, call, temperature, backend="reference", dtype=torch.float32, **options
+):
+    ref_options = {
+        k: v
+        for k, v in options.items()
+        if k not in ("in_batch_negatives", "mask_duplicates", "doc_ids", "negatives_order")
+    }
     if not options.get("in_batch_negatives", True):
         ref_options["owner"] = owner
     if options.get("doc_ids") is not None:
@@ -178,12 +196,16 @@ def check_against_reference(q, docs, pos, owner, call, temperature, backend="ref
             losses = reference_loss(q.to(dt), docs.to(dt), pos, 1.0 / t, **{**ref_options, "reduction": "none"})
             g_t = [torch.autograd.grad(li, t, retain_graph=True)[0].double() for li in losses]
             per_query.append((losses.detach().double(), torch.stack(g_t)))
-        for slot, (lowp_i, exact_i) in ((0, (per_query[0][0], per_query[1][0])), (3, (per_query[0][1], per_query[1][1]))):
+        for slot, (lowp_i, exact_i) in (
+            (0, (per_query[0][0], per_query[1][0])),
+            (3, (per_query[0][1], per_query[1][1])),
+        ):
             if slot == 0 and reduction == "none":
                 continue
             lowp_errors[slot] = max(lowp_errors[slot], (weights * (lowp_i - exact_i).abs()).sum().item())
-    for name, out, exact, lowp, term, lowp_err in zip(names, (loss, *grads), results[torch.float64], results[dtype],
-                                                      terms, lowp_errors):
+    for name, out, exact, lowp, term, lowp_err in zip(
+        names, (loss, *grads), results[torch.float64], results[dtype], terms, lowp_errors
+    ):
         assert torch.isfinite(out).all(), f"{name}: non-finite values"
         if dtype == torch.float64:
             torch.testing.assert_close(out, exact, rtol=1e-9, atol=1e-11, msg=name)
@@ -207,7 +229,9 @@ def term_sizes(q, docs, pos, temperature, upstream, options):
     qd.requires_grad_(True)
     dd.requires_grad_(True)
     s = qd @ dd.T
-    weights = upstream.double().abs().expand(q.shape[0]) / (q.shape[0] if options.get("reduction", "mean") == "mean" else 1)
+    weights = upstream.double().abs().expand(q.shape[0]) / (
+        q.shape[0] if options.get("reduction", "mean") == "mean" else 1
+    )
     logits = (s[torch.arange(q.shape[0]), pos] / temperature).abs()
     g_q, g_d = (g.abs().max().item() for g in torch.autograd.grad((weights * logits).sum(), (qd, dd)))
     if cos:
@@ -229,8 +253,11 @@ def assert_within_budget_f32(name, out, lowp, exact, term_size, lowp_err):
     err = max_error(out, exact)
     # a half result also carries its own final rounding, which the eager one may dodge by luck
     own = torch.finfo(out.dtype).eps / 2 if out.dtype in (torch.float16, torch.bfloat16) else 0.0
-    budget = (2 * lowp_err + (ATOL[out.dtype] + own) * max(1.0, exact.abs().max().item())
-              + 4 * torch.finfo(torch.float32).eps * term_size)
+    budget = (
+        2 * lowp_err
+        + (ATOL[out.dtype] + own) * max(1.0, exact.abs().max().item())
+        + 4 * torch.finfo(torch.float32).eps * term_size
+    )
     assert err <= budget, f"{name}: max error {err:.3e} exceeds budget {budget:.3e}"
 
 
@@ -245,10 +272,15 @@ OPTION_SETS = {
     "margin": {"margin": 0.95},
     "duplicates": {"mask_duplicates": True},
     "gte_duplicates": {"query_query": True, "doc_doc": True, "symmetric": True, "mask_duplicates": True},
-    "all_but_duplicates": {"symmetric": True, "query_query": True, "doc_doc": True, "margin": 0.95,
-                           "threshold": 0.9},
-    "everything": {"symmetric": True, "query_query": True, "doc_doc": True, "margin": 0.95,
-                   "threshold": 0.9, "mask_duplicates": True},
+    "all_but_duplicates": {"symmetric": True, "query_query": True, "doc_doc": True, "margin": 0.95, "threshold": 0.9},
+    "everything": {
+        "symmetric": True,
+        "query_query": True,
+        "doc_doc": True,
+        "margin": 0.95,
+        "threshold": 0.9,
+        "mask_duplicates": True,
+    },
     "sum": {"reduction": "sum"},
     "none": {"reduction": "none"},
 }
@@ -262,8 +294,10 @@ def case(*values, options, id):
 
 REFERENCE_CASES = [
     case(layout, options, dtype, options=options, id=f"{name}-{options}-{layout}")
-    for dtype, name, layouts in ((torch.float32, "fp32", ("blocks", "per_query", "3d", "index")),
-                                 (torch.float64, "fp64", ("3d", "index")))
+    for dtype, name, layouts in (
+        (torch.float32, "fp32", ("blocks", "per_query", "3d", "index")),
+        (torch.float64, "fp64", ("3d", "index")),
+    )
     for options in OPTION_SETS
     for layout in layouts
 ]
@@ -295,10 +329,14 @@ def test_doc_ids_match_row_keys():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("B,k,D", [(1, 0, 3), (1, 2, 3), (3, 0, 127), (2, 1, 1), (7, 3, 33)],
-                         ids=["B1-N1-D3", "B1-N3-D3", "B3-N3-D127", "B2-N4-D1", "B7-N28-D33"])
-@pytest.mark.parametrize("options", ["plain", case("everything", options="everything", id="everything"),
-                                     "all_but_duplicates", "no_in_batch"])
+@pytest.mark.parametrize(
+    "B,k,D",
+    [(1, 0, 3), (1, 2, 3), (3, 0, 127), (2, 1, 1), (7, 3, 33)],
+    ids=["B1-N1-D3", "B1-N3-D3", "B3-N3-D127", "B2-N4-D1", "B7-N28-D33"],
+)
+@pytest.mark.parametrize(
+    "options", ["plain", case("everything", options="everything", id="everything"), "all_but_duplicates", "no_in_batch"]
+)
 def test_odd_sizes(B, k, D, options):
     q, docs, pos, owner, call = make_case(B, k, D, "blocks")
     loss = check_against_reference(q, docs, pos, owner, call, 0.1, **OPTION_SETS[options])
@@ -324,7 +362,7 @@ def test_stats_rank_and_accuracy():
     for _ in range(100):
         q, docs, pos, owner, call = make_case(8, 3, 4, "index")
         qn, dn = F.normalize(q, dim=-1), F.normalize(docs, dim=-1)
-        S = (qn.double() @ dn.double().T)
+        S = qn.double() @ dn.double().T
         s_pos = S[torch.arange(8), pos][:, None]
         keep = S <= 0.8
         expected = ((S > s_pos) & keep).sum(1)
@@ -377,10 +415,13 @@ def test_learnable_temperature_and_clamp():
     assert not list(fixed.parameters()) and fixed.temperature == pytest.approx(0.05)
 
 
-@pytest.mark.parametrize("options", [
-    pytest.param({"query_query": True, "doc_doc": True}, marks=NEEDS_POS_KEY, id="gte"),
-    pytest.param({"in_batch_negatives": False, "margin": 0.95}, id="stage2"),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"query_query": True, "doc_doc": True}, marks=NEEDS_POS_KEY, id="gte"),
+        pytest.param({"in_batch_negatives": False, "margin": 0.95}, id="stage2"),
+    ],
+)
 def test_gradcheck_float64(options):
     q, docs, pos, owner, call = make_case(3, 1, 5, "blocks", dup=True)
     q, docs = q.double().requires_grad_(True), docs.double().requires_grad_(True)
@@ -395,6 +436,7 @@ def test_gradcheck_float64(options):
 
 
 # --- cosine normalisation without float32 copies ----------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(1, 3), (5, 127), (4, 1)], ids=["R1-D3", "R5-D127", "R4-D1"])
 def test_cosine_normalize_matches_f_normalize(shape):
@@ -420,8 +462,7 @@ def test_cosine_normalize_saves_no_float32_copy(dtype):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = cosine_normalize(x)
     assert y.dtype == dtype
-    assert all(t.numel() <= x.shape[0] or t.dtype == dtype for t in saved), \
-        [(t.dtype, tuple(t.shape)) for t in saved]
+    assert all(t.numel() <= x.shape[0] or t.dtype == dtype for t in saved), [(t.dtype, tuple(t.shape)) for t in saved]
     assert any(t.data_ptr() == x.data_ptr() for t in saved), "x itself is what is kept"
     upstream = torch.randn_like(y)
     (g,) = torch.autograd.grad(y, x, upstream)
@@ -449,24 +490,29 @@ def test_stage2_loss_saves_no_float32_rows():
 
 # --- doc_doc / query_query duplicates ---------------------------------------------------------
 
+
 @NEEDS_POS_KEY
 def test_doc_doc_masks_duplicates_of_the_positive():
     """An exact duplicate of d+_0 among the documents is the worst false negative of the doc_doc
     term (the reviewer's case: query 0's loss 0.000 -> 3.9 without masking)."""
     q, docs, pos, owner, call = make_case(4, 2, 16, "blocks", dup=True)  # docs[4] duplicates docs[0]
     for options in ({"doc_doc": True}, {"query_query": True, "doc_doc": True, "symmetric": True}):
-        masked = check_against_reference(q, docs, pos, owner, call, 0.05, dtype=torch.float64,
-                                         mask_duplicates=True, reduction="none", **options)
+        masked = check_against_reference(
+            q, docs, pos, owner, call, 0.05, dtype=torch.float64, mask_duplicates=True, reduction="none", **options
+        )
         unmasked = infonce_loss(q.double(), docs.double(), temperature=0.05, reduction="none", **options)
         assert (unmasked[0] - masked[0]).item() > 0.1, "the duplicate should matter for query 0"
 
 
 # --- stage 2: each query scores only its own documents ------------------------------------------
 
+
 @pytest.mark.parametrize("layout", ["blocks", "per_query", "3d"])
-@pytest.mark.parametrize("options", [{}, {"threshold": 0.5, "margin": 0.95}, {"mask_duplicates": True},
-                                     {"symmetric": True, "similarity": "dot"}],
-                         ids=["plain", "threshold-margin", "duplicates", "symmetric-dot"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"threshold": 0.5, "margin": 0.95}, {"mask_duplicates": True}, {"symmetric": True, "similarity": "dot"}],
+    ids=["plain", "threshold-margin", "duplicates", "symmetric-dot"],
+)
 def test_stage2_owned_scores_equal_generic_path(layout, options, monkeypatch):
     """Layouts that imply ownership take the [B, 1 + k] batched-dot path (no infonce_lse call);
     it equals the op's generic masked pass over explicit doc_owner, loss and gradients."""
@@ -477,12 +523,14 @@ def test_stage2_owned_scores_equal_generic_path(layout, options, monkeypatch):
     def run(generic):
         qv, dv = q.clone().requires_grad_(True), docs.clone().requires_grad_(True)
         if generic:
-            out = infonce_loss(qv, dv, pos, doc_owner=owner, in_batch_negatives=False, reduction="none",
-                               return_stats=True, **options)
+            out = infonce_loss(
+                qv, dv, pos, doc_owner=owner, in_batch_negatives=False, reduction="none", return_stats=True, **options
+            )
         else:
             documents, _, kw = call(dv)
-            out = infonce_loss(qv, documents, in_batch_negatives=False, reduction="none", return_stats=True,
-                               **kw, **options)
+            out = infonce_loss(
+                qv, documents, in_batch_negatives=False, reduction="none", return_stats=True, **kw, **options
+            )
         return (out.loss, out.rank, *torch.autograd.grad(out.loss, (qv, dv), upstream))
 
     expected = run(generic=True)
@@ -496,9 +544,11 @@ def test_stage2_owned_scores_equal_generic_path(layout, options, monkeypatch):
 
 # --- low precision: the eager loss's own error sets the budget ----------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("options", ["plain", "no_in_batch", case("gte_duplicates", options="gte_duplicates",
-                                                                  id="gte_duplicates")])
+@pytest.mark.parametrize(
+    "options", ["plain", "no_in_batch", case("gte_duplicates", options="gte_duplicates", id="gte_duplicates")]
+)
 def test_low_precision_reference_backend(dtype, options):
     """Half inputs through the module (normalisation, layouts, terms) with the reference op. A 1%
     wrong temperature fails here in fp16 (checked by hand). No threshold / margin in half
@@ -508,11 +558,20 @@ def test_low_precision_reference_backend(dtype, options):
 
 
 @pytest.mark.skipif(TRITON_REASON is not None, reason=TRITON_REASON or "")
-@pytest.mark.parametrize("options,dtype", [
-    case(o, dt, options=o, id=f"{str(dt)[6:]}-{o}") for o, dt in (
-        ("plain", torch.float32), ("dot", torch.float32), ("no_in_batch", torch.float32),
-        ("everything", torch.float32), ("plain", torch.float16), ("gte_duplicates", torch.float16))
-])
+@pytest.mark.parametrize(
+    "options,dtype",
+    [
+        case(o, dt, options=o, id=f"{str(dt)[6:]}-{o}")
+        for o, dt in (
+            ("plain", torch.float32),
+            ("dot", torch.float32),
+            ("no_in_batch", torch.float32),
+            ("everything", torch.float32),
+            ("plain", torch.float16),
+            ("gte_duplicates", torch.float16),
+        )
+    ],
+)
 def test_triton_backend(options, dtype):
     """The same loss through the Triton kernels (interpreter on CPU: fp32/fp16), small sizes."""
     # B = 10: the eager fp16 loss's error (the budget) is an average over queries, not a coin flip
@@ -522,8 +581,14 @@ def test_triton_backend(options, dtype):
 
 def test_module_equals_function():
     q, docs, pos, owner, call = make_case(4, 2, 8, "per_query", dup=True)
-    options = dict(symmetric=True, margin=0.95, mask_duplicates=True, negatives_order="per_query",
-                   in_batch_negatives=False, reduction="none")
+    options = dict(
+        symmetric=True,
+        margin=0.95,
+        mask_duplicates=True,
+        negatives_order="per_query",
+        in_batch_negatives=False,
+        reduction="none",
+    )
     loss_fn = InfoNCELoss(0.05, **options)
     torch.testing.assert_close(loss_fn(q, docs), infonce_loss(q, docs, temperature=0.05, **options))
     assert "in_batch_negatives=False" in repr(loss_fn)
@@ -538,13 +603,15 @@ def test_gpu_low_precision(dtype, options):
     torch.set_default_device("cuda")
     try:
         q, docs, pos, owner, call = make_case(96, 3, 136, "blocks", dup=True)
-        check_against_reference(q, docs, pos.cuda(), owner.cuda(), call, 0.02, backend="auto", dtype=dtype,
-                                **OPTION_SETS[options])
+        check_against_reference(
+            q, docs, pos.cuda(), owner.cuda(), call, 0.02, backend="auto", dtype=dtype, **OPTION_SETS[options]
+        )
     finally:
         torch.set_default_device("cpu")
 
 
 # --- sentence-transformers' MultipleNegativesRankingLoss on the same embeddings ---------------
+
 
 def _mnrl_case(B, k, D):
     q = torch.randn(B, D, dtype=torch.float64)
@@ -552,12 +619,16 @@ def _mnrl_case(B, k, D):
     return q, cols
 
 
-@pytest.mark.parametrize("directions,partition,k,ours", [
-    (("query_to_doc",), "joint", 0, {}),
-    (("query_to_doc",), "joint", 3, {}),
-    (("query_to_doc", "doc_to_query"), "per_direction", 2, {"symmetric": True}),
-    (("query_to_doc", "query_to_query", "doc_to_doc"), "joint", 0, {"query_query": True, "doc_doc": True}),
-], ids=["in-batch", "hard-negatives", "symmetric", "gte-qq-dd"])
+@pytest.mark.parametrize(
+    "directions,partition,k,ours",
+    [
+        (("query_to_doc",), "joint", 0, {}),
+        (("query_to_doc",), "joint", 3, {}),
+        (("query_to_doc", "doc_to_query"), "per_direction", 2, {"symmetric": True}),
+        (("query_to_doc", "query_to_query", "doc_to_doc"), "joint", 0, {"query_query": True, "doc_doc": True}),
+    ],
+    ids=["in-batch", "hard-negatives", "symmetric", "gte-qq-dd"],
+)
 def test_matches_sentence_transformers_mnrl(directions, partition, k, ours):
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
@@ -578,31 +649,64 @@ def test_matches_sentence_transformers_mnrl(directions, partition, k, ours):
 
 # --- bad input -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make_call,error,match", [
-    (lambda q, d: infonce_loss(q, d[:, :7]), ValueError, "same D"),
-    (lambda q, d: infonce_loss(q, d, torch.tensor([0, 1, 2, 12])), ValueError, r"pos_index values must be in \[0, N\)"),
-    (lambda q, d: infonce_loss(q, d, torch.tensor([0, 1, -1, 2])), ValueError, "pos_index values"),
-    (lambda q, d: infonce_loss(q, d, torch.tensor([0, 1, 2])), ValueError, r"pos_index must have shape \[B\] = \(4,\), got \(3,\)"),
-    (lambda q, d: infonce_loss(q, d, temperature=-0.05), ValueError, "temperature must be positive"),
-    (lambda q, d: infonce_loss(q, d, temperature=torch.tensor(0.0)), ValueError, "temperature must be positive"),
-    (lambda q, d: InfoNCELoss(-1.0), ValueError, "temperature must be positive"),
-    (lambda q, d: infonce_loss(q, d[:10]), ValueError, "multiple of B"),
-    (lambda q, d: infonce_loss(q, d, torch.arange(4), in_batch_negatives=False), ValueError, "needs doc_owner"),
-    (lambda q, d: infonce_loss(q, d, in_batch_negatives=False, query_query=True), ValueError, "in-batch terms"),
-    (lambda q, d: infonce_loss(q, d[:4], hard_negatives=torch.randn(3, 2, 8)), ValueError, "hard_negatives"),
-    (lambda q, d: infonce_loss(q, d, similarity="l2"), ValueError, "similarity"),
-    (lambda q, d: infonce_loss(q, d, reduction="max"), ValueError, "reduction"),
-    (lambda q, d: infonce_loss(q[0], d), ValueError, r"queries must have shape \[B, D\]"),
-    (lambda q, d: InfoNCELoss(0.05, learnable_temperature=True, temperature_range=(0.1, 1.0)), ValueError, "range"),
-    (lambda q, d: InfoNCELoss(0.05, hard_negatives=None), TypeError, "per-call"),
-    (lambda q, d: infonce_loss(q, d.double()), TypeError, "documents must have the dtype of queries"),
-    (lambda q, d: infonce_loss(q, d[:4], hard_negatives=torch.randn(4, 2, 8).half(), in_batch_negatives=False),
-     TypeError, "hard_negatives must have the dtype"),
-    (lambda q, d: infonce_loss(q, d, torch.tensor([0, 0, 1, 2]), doc_doc=True), ValueError, "distinct positives"),
-], ids=["D-mismatch", "label-too-big", "label-negative", "label-shape", "neg-temperature", "zero-temp-tensor",
-        "module-neg-temperature", "bad-layout", "owner-missing", "qq-without-in-batch", "hard-neg-shape",
-        "bad-similarity", "bad-reduction", "queries-1d", "temp-outside-range", "per-call-option",
-        "doc-dtype", "hard-neg-dtype", "doc-doc-repeated-positive"])
+
+@pytest.mark.parametrize(
+    "make_call,error,match",
+    [
+        (lambda q, d: infonce_loss(q, d[:, :7]), ValueError, "same D"),
+        (
+            lambda q, d: infonce_loss(q, d, torch.tensor([0, 1, 2, 12])),
+            ValueError,
+            r"pos_index values must be in \[0, N\)",
+        ),
+        (lambda q, d: infonce_loss(q, d, torch.tensor([0, 1, -1, 2])), ValueError, "pos_index values"),
+        (
+            lambda q, d: infonce_loss(q, d, torch.tensor([0, 1, 2])),
+            ValueError,
+            r"pos_index must have shape \[B\] = \(4,\), got \(3,\)",
+        ),
+        (lambda q, d: infonce_loss(q, d, temperature=-0.05), ValueError, "temperature must be positive"),
+        (lambda q, d: infonce_loss(q, d, temperature=torch.tensor(0.0)), ValueError, "temperature must be positive"),
+        (lambda q, d: InfoNCELoss(-1.0), ValueError, "temperature must be positive"),
+        (lambda q, d: infonce_loss(q, d[:10]), ValueError, "multiple of B"),
+        (lambda q, d: infonce_loss(q, d, torch.arange(4), in_batch_negatives=False), ValueError, "needs doc_owner"),
+        (lambda q, d: infonce_loss(q, d, in_batch_negatives=False, query_query=True), ValueError, "in-batch terms"),
+        (lambda q, d: infonce_loss(q, d[:4], hard_negatives=torch.randn(3, 2, 8)), ValueError, "hard_negatives"),
+        (lambda q, d: infonce_loss(q, d, similarity="l2"), ValueError, "similarity"),
+        (lambda q, d: infonce_loss(q, d, reduction="max"), ValueError, "reduction"),
+        (lambda q, d: infonce_loss(q[0], d), ValueError, r"queries must have shape \[B, D\]"),
+        (lambda q, d: InfoNCELoss(0.05, learnable_temperature=True, temperature_range=(0.1, 1.0)), ValueError, "range"),
+        (lambda q, d: InfoNCELoss(0.05, hard_negatives=None), TypeError, "per-call"),
+        (lambda q, d: infonce_loss(q, d.double()), TypeError, "documents must have the dtype of queries"),
+        (
+            lambda q, d: infonce_loss(q, d[:4], hard_negatives=torch.randn(4, 2, 8).half(), in_batch_negatives=False),
+            TypeError,
+            "hard_negatives must have the dtype",
+        ),
+        (lambda q, d: infonce_loss(q, d, torch.tensor([0, 0, 1, 2]), doc_doc=True), ValueError, "distinct positives"),
+    ],
+    ids=[
+        "D-mismatch",
+        "label-too-big",
+        "label-negative",
+        "label-shape",
+        "neg-temperature",
+        "zero-temp-tensor",
+        "module-neg-temperature",
+        "bad-layout",
+        "owner-missing",
+        "qq-without-in-batch",
+        "hard-neg-shape",
+        "bad-similarity",
+        "bad-reduction",
+        "queries-1d",
+        "temp-outside-range",
+        "per-call-option",
+        "doc-dtype",
+        "hard-neg-dtype",
+        "doc-doc-repeated-positive",
+    ],
+)
 def test_bad_input(make_call, error, match):
     q, d = torch.randn(4, 8), torch.randn(12, 8)
     with pytest.raises(error, match=match):

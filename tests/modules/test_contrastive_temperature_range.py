@@ -36,13 +36,17 @@ def test_float64_losses_take_float64_scales():
         infonce_loss(q, d, temperature=1e308)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(temperature=1e-40), F32_RANGE),
-    (dict(temperature=1e39), F32_RANGE),
-    (dict(temperature=0.05, learnable_temperature=True, temperature_range=(1e-40, 1.0)), "temperature_range"),
-    (dict(temperature=0.05, learnable_temperature=True, temperature_range=(0.01, 1e39)), "temperature_range"),
-    (dict(temperature=0.05, temperature_range=(1e-40, 1.0)), "temperature_range"),
-], ids=["fixed-small", "fixed-large", "range-min", "range-max", "range-min-fixed"])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=1e-40), F32_RANGE),
+        (dict(temperature=1e39), F32_RANGE),
+        (dict(temperature=0.05, learnable_temperature=True, temperature_range=(1e-40, 1.0)), "temperature_range"),
+        (dict(temperature=0.05, learnable_temperature=True, temperature_range=(0.01, 1e39)), "temperature_range"),
+        (dict(temperature=0.05, temperature_range=(1e-40, 1.0)), "temperature_range"),
+    ],
+    ids=["fixed-small", "fixed-large", "range-min", "range-max", "range-min-fixed"],
+)
 def test_module_rejects_temperatures_float32_cannot_invert(kwargs, match):
     with pytest.raises(ValueError, match=match):
         InfoNCELoss(**kwargs)

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from latentembed.modules.latent_attention import LatentAttentionPooling
-from latentembed.modules.pooling_functions import pack_pool_rows
 from latentembed.modules.latent_attention_unfolded import (
     LatentAttentionParameters,
     UnfoldedLatentAttentionPooling,
     strip_prefix,
 )
+from latentembed.modules.pooling_functions import pack_pool_rows
 from tests.tolerances import ATOL, assert_within_budget, max_error
 
 HAS_GPU = torch.cuda.is_available()
@@ -29,8 +29,9 @@ def _triton_missing():
 
 BACKENDS = [
     pytest.param("reference", id="reference"),
-    pytest.param("triton", id="triton", marks=pytest.mark.skipif(
-        _triton_missing() is not None, reason=str(_triton_missing()))),
+    pytest.param(
+        "triton", id="triton", marks=pytest.mark.skipif(_triton_missing() is not None, reason=str(_triton_missing()))
+    ),
 ]
 
 # name -> kwargs. Odd sizes, one latent, one head, latent_dim != hidden_size, no normalisation.
@@ -99,8 +100,11 @@ def test_fp32_output_and_every_gradient_match_the_public_block(backend, cfg_name
     assert torch.equal(out[0], torch.zeros_like(out[0]))  # nothing pooled -> zeros, not NaN
     assert grads.keys() == grads64.keys() and len(grads) == 15
     # With one latent the softmax is constantly 1: the scores' inputs get no gradient.
-    scoreless = {"cross_attend_blocks.0.fn.to_q.weight", "cross_attend_blocks.0.norm.weight",
-                 "cross_attend_blocks.0.norm.bias"} if cfg["num_latents"] == 1 else set()
+    scoreless = (
+        {"cross_attend_blocks.0.fn.to_q.weight", "cross_attend_blocks.0.norm.weight", "cross_attend_blocks.0.norm.bias"}
+        if cfg["num_latents"] == 1
+        else set()
+    )
     for name, g in grads.items():
         assert g is not None and (name in scoreless or g.abs().max() > 0), f"no gradient reaches {name}"
         assert_within_budget(f"grad {name}", g, grads32[name], grads64[name])
@@ -148,6 +152,7 @@ def test_float64_gradcheck_of_reference_and_fast_module():
     mask = torch.tensor([[1, 1, 0], [0, 1, 1]], dtype=torch.bool)
     assert torch.autograd.gradcheck(lambda h: ref(h, mask), (hidden,), fast_mode=True)
     assert torch.autograd.gradcheck(lambda h: fast(h, mask), (hidden,), fast_mode=True)
+
     # and through the fold into the latents
     def of_latents(lat):
         return torch.func.functional_call(fast, {"latents": lat}, (hidden.detach(), mask))
@@ -162,9 +167,14 @@ def test_float64_gradcheck_through_the_cached_fold_in_eval_mode():
     fast.double().eval()
     hidden = torch.randn(2, 3, 3, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 0], [0, 1, 1]], dtype=torch.bool)
-    names = ["latents", "cross_attend_blocks.0.norm_context.weight", "cross_attend_blocks.0.norm_context.bias",
-             "cross_attend_blocks.0.fn.to_kv.weight", "cross_attend_blocks.0.fn.to_q.weight",
-             "cross_attend_blocks.0.fn.to_out.weight"]
+    names = [
+        "latents",
+        "cross_attend_blocks.0.norm_context.weight",
+        "cross_attend_blocks.0.norm_context.bias",
+        "cross_attend_blocks.0.fn.to_kv.weight",
+        "cross_attend_blocks.0.fn.to_q.weight",
+        "cross_attend_blocks.0.fn.to_out.weight",
+    ]
     params = dict(fast.named_parameters())
     folded = [params[n].detach().clone().requires_grad_() for n in names]
 
@@ -177,13 +187,19 @@ def test_float64_gradcheck_through_the_cached_fold_in_eval_mode():
     assert torch.autograd.gradcheck(of_folded, tuple(folded))
 
 
-@pytest.mark.parametrize("backend, dtype", [
-    pytest.param("reference", torch.float16, id="reference-fp16"),
-    pytest.param("reference", torch.bfloat16, id="reference-bf16"),
-    pytest.param(*BACKENDS[1].values, torch.float16, id="triton-fp16", marks=BACKENDS[1].marks),
-    # the interpreter's bf16 dots are wrong (docs/testing.md, "bf16 in the interpreter"): bf16 Triton runs on the GPU only
-    pytest.param(*BACKENDS[1].values, torch.bfloat16, id="triton-bf16", marks=[*BACKENDS[1].marks, pytest.mark.gpu]),
-])
+@pytest.mark.parametrize(
+    "backend, dtype",
+    [
+        pytest.param("reference", torch.float16, id="reference-fp16"),
+        pytest.param("reference", torch.bfloat16, id="reference-bf16"),
+        pytest.param(*BACKENDS[1].values, torch.float16, id="triton-fp16", marks=BACKENDS[1].marks),
+        # the interpreter's bf16 dots are wrong (docs/testing.md, "bf16 in the interpreter"):
+        # bf16 Triton runs on the GPU only
+        pytest.param(
+            *BACKENDS[1].values, torch.bfloat16, id="triton-bf16", marks=[*BACKENDS[1].marks, pytest.mark.gpu]
+        ),
+    ],
+)
 def test_half_precision_within_budget_of_public_block(backend, dtype):
     cfg = CONFIGS["D64-R32-H2-d64-f4-raw"]
     ref, fast = make_modules(cfg, backend)
@@ -280,8 +296,13 @@ def test_eval_cache_reused_and_invalidated_by_weight_updates():
         torch.testing.assert_close(first, ref(hidden, mask), rtol=1e-5, atol=1e-6)
 
         # in-place updates of each folded weight (as an optimizer step does) invalidate the cache
-        for name in ("latents", "cross_attend_blocks.0.fn.to_q.weight", "cross_attend_blocks.0.fn.to_kv.weight",
-                     "cross_attend_blocks.0.fn.to_out.weight", "cross_attend_blocks.0.norm_context.bias"):
+        for name in (
+            "latents",
+            "cross_attend_blocks.0.fn.to_q.weight",
+            "cross_attend_blocks.0.fn.to_kv.weight",
+            "cross_attend_blocks.0.fn.to_out.weight",
+            "cross_attend_blocks.0.norm_context.bias",
+        ):
             dict(fast.named_parameters())[name].mul_(1.3)
             dict(ref.named_parameters())[name].mul_(1.3)
             torch.testing.assert_close(fast(hidden, mask), ref(hidden, mask), rtol=1e-5, atol=1e-6, msg=name)
@@ -375,14 +396,19 @@ def test_state_dict_keys_and_shapes_equal_the_public_block_and_nvembed_defaults(
     shapes = {k: tuple(v.shape) for k, v in nv.state_dict().items()}
     assert shapes == {
         "latents": (512, 4096),
-        "cross_attend_blocks.0.norm.weight": (4096,), "cross_attend_blocks.0.norm.bias": (4096,),
-        "cross_attend_blocks.0.norm_context.weight": (4096,), "cross_attend_blocks.0.norm_context.bias": (4096,),
+        "cross_attend_blocks.0.norm.weight": (4096,),
+        "cross_attend_blocks.0.norm.bias": (4096,),
+        "cross_attend_blocks.0.norm_context.weight": (4096,),
+        "cross_attend_blocks.0.norm_context.bias": (4096,),
         "cross_attend_blocks.0.fn.to_q.weight": (32768, 4096),
         "cross_attend_blocks.0.fn.to_kv.weight": (65536, 4096),
         "cross_attend_blocks.0.fn.to_out.weight": (4096, 32768),
-        "cross_attend_blocks.1.norm.weight": (4096,), "cross_attend_blocks.1.norm.bias": (4096,),
-        "cross_attend_blocks.1.fn.net.0.weight": (32768, 4096), "cross_attend_blocks.1.fn.net.0.bias": (32768,),
-        "cross_attend_blocks.1.fn.net.2.weight": (4096, 16384), "cross_attend_blocks.1.fn.net.2.bias": (4096,),
+        "cross_attend_blocks.1.norm.weight": (4096,),
+        "cross_attend_blocks.1.norm.bias": (4096,),
+        "cross_attend_blocks.1.fn.net.0.weight": (32768, 4096),
+        "cross_attend_blocks.1.fn.net.0.bias": (32768,),
+        "cross_attend_blocks.1.fn.net.2.weight": (4096, 16384),
+        "cross_attend_blocks.1.fn.net.2.bias": (4096,),
     }
     assert nv.normalize
 
@@ -426,7 +452,9 @@ def test_bad_input_raises_clear_errors():
         with pytest.raises(ValueError, match=r"latents: expected \(7, 48\) \[num_latents, latent_dim\], got \(9, 48\)"):
             module.load_state_dict(wrong)
     wrong = UnfoldedLatentAttentionPooling(**{**cfg, "dim_head": 8}).state_dict()
-    with pytest.raises(ValueError, match=r"to_q.weight: expected \(48, 48\) \[num_heads \* dim_head, hidden_size\], got \(24, 48\)"):
+    with pytest.raises(
+        ValueError, match=r"to_q.weight: expected \(48, 48\) \[num_heads \* dim_head, hidden_size\], got \(24, 48\)"
+    ):
         fast.load_state_dict(wrong)
     missing = dict(ref.state_dict())
     missing.pop("latents")
@@ -493,8 +521,12 @@ def test_benchmark_runs_at_a_tiny_size_on_cpu():
     from latentembed.bench import latent_attention as bench
 
     rows, skipped = bench.run(torch.device("cpu"), copy_gbps=1.0, impls=["latentembed", "unfolded"])
-    assert {(r.impl, r.mode) for r in rows} >= {("latentembed", "fwd"), ("latentembed", "fwd+bwd"),
-                                                ("unfolded", "fwd"), ("unfolded", "fwd+bwd")}
+    assert {(r.impl, r.mode) for r in rows} >= {
+        ("latentembed", "fwd"),
+        ("latentembed", "fwd+bwd"),
+        ("unfolded", "fwd"),
+        ("unfolded", "fwd+bwd"),
+    }
     assert all(r.median_ms > 0 and r.tflops > 0 for r in rows)
     assert "folded+compile" in skipped or "folded+compile" not in {r.impl for r in rows}
     assert "targets: stated for the GPU case" in bench.summarize(rows)

@@ -7,10 +7,9 @@ import torch
 from torch import nn
 
 from latentembed.modules.lora import MultiLoRALinear, apply_multi_lora, lora_routing, multi_lora_layers
-
 from tests.tolerances import assert_within_budget
 
-from .multi_lora_helpers import ADAPTERS, randomize, random_layer
+from .multi_lora_helpers import ADAPTERS, random_layer, randomize
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -51,8 +50,13 @@ def _per_sample_by_merging(model, x_list, tasks, call):
 
 def test_plain_module_mixed_batch_matches_merged_per_sample():
     model = TinyBlock()
-    routing = apply_multi_lora(model, TARGETS, ADAPTERS, rank={"retrieval.query": 4, "retrieval.passage": 2,
-                                                               "classification": 6, "text-matching": 1}, alpha=4.0)
+    routing = apply_multi_lora(
+        model,
+        TARGETS,
+        ADAPTERS,
+        rank={"retrieval.query": 4, "retrieval.passage": 2, "classification": 6, "text-matching": 1},
+        alpha=4.0,
+    )
     assert sorted(n for n, _ in multi_lora_layers(model)) == sorted(TARGETS)
     assert isinstance(model.head, nn.Linear) and all(m.routing is routing for _, m in multi_lora_layers(model))
     _randomize_all(model)
@@ -61,8 +65,9 @@ def test_plain_module_mixed_batch_matches_merged_per_sample():
     with lora_routing(model, tasks):
         mixed = model(x)
     alone = torch.stack(_per_sample_by_merging(model, x.unbind(0), tasks, lambda m, xi: m(xi[None])[0]))
-    exact = torch.stack(_per_sample_by_merging(copy.deepcopy(model).double(), x.double().unbind(0), tasks,
-                                               lambda m, xi: m(xi[None])[0]))
+    exact = torch.stack(
+        _per_sample_by_merging(copy.deepcopy(model).double(), x.double().unbind(0), tasks, lambda m, xi: m(xi[None])[0])
+    )
     # routed (x W^T + s (x A^T) B^T) and merged (x (W + s B A)^T) round differently: budget
     # against float64, not a fixed tolerance
     assert_within_budget("mixed batch", mixed, alone, exact)
@@ -78,8 +83,15 @@ def test_only_lora_weights_train_in_wrapped_layers():
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_transformers_decoder_mixed_batch(arch):
     transformers = pytest.importorskip("transformers")
-    kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=101, max_position_embeddings=64)
+    kw = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=64,
+    )
     if arch == "llama":
         model = transformers.LlamaModel(transformers.LlamaConfig(**kw))
     else:
@@ -93,8 +105,9 @@ def test_transformers_decoder_mixed_batch(arch):
     with torch.no_grad():
         with lora_routing(model, tasks):
             mixed = model(input_ids=ids).last_hidden_state
-        alone = _per_sample_by_merging(model, ids.unbind(0), tasks,
-                                       lambda m, i: m(input_ids=i[None]).last_hidden_state[0])
+        alone = _per_sample_by_merging(
+            model, ids.unbind(0), tasks, lambda m, i: m(input_ids=i[None]).last_hidden_state[0]
+        )
         with lora_routing(model, ["base"] * 4):
             base = model(input_ids=ids).last_hidden_state
     for i, ref in enumerate(alone):
@@ -117,8 +130,11 @@ def test_bad_input_raises_clear_errors():
         layer(x, adapter_index=torch.tensor([0.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match=r"input must have shape \[\.\.\., 37\], got \(3, 4, 36\)"):
         layer(torch.randn(3, 4, 36), adapter_index=torch.tensor([0, 1, 2]))
-    with pytest.raises(ValueError, match=r"leading shape \(3, 4\) \(12 rows\) does not fit the routing: expected "
-                                         r"leading dim B = 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"leading shape \(3, 4\) \(12 rows\) does not fit the routing: expected "
+        r"leading dim B = 2",
+    ):
         with lora_routing(layer, [0, 1]):
             layer(x)
     with pytest.raises(ValueError, match=r"expected N = 5 rows \(per-token"):

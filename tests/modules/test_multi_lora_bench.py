@@ -2,8 +2,7 @@
 
 import torch
 
-from latentembed.bench import BENCHMARKS
-from latentembed.bench import harness
+from latentembed.bench import BENCHMARKS, harness
 from latentembed.bench import multi_lora as bench
 
 
@@ -21,10 +20,12 @@ def test_runs_on_cpu_and_states_targets(monkeypatch):
     monkeypatch.setattr(harness, "median_ms", lambda fn, device: real(fn, device, reps=1))  # a smoke run
     small = bench._shape(torch.device("cpu"))
     monkeypatch.setattr(bench, "_shape", lambda device: dict(small, d=32, batch=3, length=4))
-    rows, skipped = bench.run(torch.device("cpu"), copy_gbps=1.0, impls=["base", "single-unfused", "ours-single",
-                                                                         "ours-mixed"])
-    assert {(r.impl, r.mode) for r in rows} == {(i, m) for i in ("base", "single-unfused", "ours-single", "ours-mixed")
-                                                for m in ("fwd", "fwd+bwd")}
+    rows, skipped = bench.run(
+        torch.device("cpu"), copy_gbps=1.0, impls=["base", "single-unfused", "ours-single", "ours-mixed"]
+    )
+    assert {(r.impl, r.mode) for r in rows} == {
+        (i, m) for i in ("base", "single-unfused", "ours-single", "ours-mixed") for m in ("fwd", "fwd+bwd")
+    }
     assert all(r.median_ms > 0 for r in rows) and "triton" in skipped
     summary = bench.summarize(rows)
     assert summary.count("-> met") + summary.count("-> MISSED") == 3

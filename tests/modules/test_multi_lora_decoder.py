@@ -15,8 +15,14 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture
 def model():
-    cfg = config.DecoderConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2)
+    cfg = config.DecoderConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     m = decoder.DecoderModel(cfg).eval()
     apply_multi_lora(m, TARGETS, ADAPTERS, rank=[8, 4, 2, 6], alpha=8, r_max=8)
     for _, layer in multi_lora_layers(m):
@@ -82,7 +88,7 @@ def test_per_sample_tasks_alone_route_unpadded_and_packed_calls(model):
     torch.testing.assert_close(packed, padded[mask], rtol=1e-4, atol=1e-4)
     for b, task in enumerate(tasks):  # each sample equals itself run alone with its adapter
         n = int(lengths[b])
-        alone = _routed_outputs(model, ids[b:b + 1, :n], None, [task], unpad=True)
+        alone = _routed_outputs(model, ids[b : b + 1, :n], None, [task], unpad=True)
         torch.testing.assert_close(unpadded[b, :n], alone[0], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="given 3 per-sample tasks, but the model's input holds 4 sequences"):
         _routed_outputs(model, ids, mask, tasks[:3], unpad=True)
@@ -129,5 +135,5 @@ def test_bf16_padded_call_with_auto_unpad_on_gpu(model):
     torch.testing.assert_close(auto[mask].float(), padded[mask].float(), rtol=5e-2, atol=5e-2)
     for b, task in enumerate(tasks):
         n = int(lengths[b])
-        alone = _routed_outputs(model, ids[b:b + 1, :n], None, [task], unpad=False)
+        alone = _routed_outputs(model, ids[b : b + 1, :n], None, [task], unpad=False)
         torch.testing.assert_close(auto[b, :n].float(), alone[0].float(), rtol=5e-2, atol=5e-2)

@@ -6,13 +6,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from latentembed.modules import adapter_routing as routing_mod
 from latentembed.modules import lora as lora_mod
 from latentembed.modules.lora import MultiLoRALinear, lora_routing
 from tests.tolerances import assert_within_budget
 
 from .multi_lora_helpers import ADAPTERS, RANKS, backend_params, random_layer, reference_forward
-
-from latentembed.modules import adapter_routing as routing_mod
 
 BACKENDS = backend_params()
 

@@ -19,16 +19,28 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # rank_pattern / alpha_pattern, rsLoRA scaling.
 PEFT_ADAPTERS = {
     "query": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    "passage": dict(r=8, lora_alpha=16, target_modules=TARGETS, rank_pattern={"down_proj": 2},
-                    alpha_pattern={r"layers\.1\.self_attn\.o_proj": 3.0}),
+    "passage": dict(
+        r=8,
+        lora_alpha=16,
+        target_modules=TARGETS,
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={r"layers\.1\.self_attn\.o_proj": 3.0},
+    ),
     "sts": dict(r=6, lora_alpha=5, target_modules=["k_proj", "up_proj"], use_rslora=True),
 }
 OURS = ["query", "passage", "classification", "sts"]  # "classification": fresh, rank r_max, no PEFT twin
 
 
 def _tiny_llama():
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=101, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaModel(cfg).eval()
 
 
@@ -37,8 +49,9 @@ def peft_setup(tmp_path_factory):
     """(base model, PeftModel with the three random adapters, directory of each saved adapter)."""
     torch.manual_seed(SESSION_SEED ^ 0x9EF7)  # module-scoped: seeded from the run's seed, fresh per run
     base = _tiny_llama()
-    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**PEFT_ADAPTERS["query"]),
-                                     adapter_name="query")
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(**PEFT_ADAPTERS["query"]), adapter_name="query"
+    )
     for name in ("passage", "sts"):
         peft_model.add_adapter(name, peft.LoraConfig(**PEFT_ADAPTERS[name]))
     with torch.no_grad():
@@ -92,7 +105,6 @@ def test_mixed_batch_matches_peft_adapter_names(peft_setup):
     ours = _ours(base, dirs)
     ids = torch.randint(0, 101, (5, 6))
     tasks = ["passage", "__base__", "query", "sts", "passage"]
-    expected = _peft_out(peft_model, ids, adapter_names=tasks)
     with torch.no_grad(), lora_routing(ours, [t if t != "__base__" else "base" for t in tasks]):
         out = ours(input_ids=ids).last_hidden_state
     _assert_matches_peft(out, peft_model, ids, adapter_names=tasks)
@@ -101,8 +113,10 @@ def test_mixed_batch_matches_peft_adapter_names(peft_setup):
 def test_loaded_ranks_and_scalings(peft_setup):
     base, _, dirs = peft_setup
     layers = dict(multi_lora_layers(_ours(base, dirs)))
-    q, down, o1, k = (layers[f"layers.{i}.{m}"] for i, m in
-                      [(0, "self_attn.q_proj"), (1, "mlp.down_proj"), (1, "self_attn.o_proj"), (0, "self_attn.k_proj")])
+    q, down, o1, k = (
+        layers[f"layers.{i}.{m}"]
+        for i, m in [(0, "self_attn.q_proj"), (1, "mlp.down_proj"), (1, "self_attn.o_proj"), (0, "self_attn.k_proj")]
+    )
     assert q.ranks == [4, 8, 8, 0] and q.scalings[:2] == [2.0, 2.0]
     assert down.ranks[1] == 2 and down.scalings[1] == 8.0  # rank_pattern: alpha 16 / r 2
     assert o1.scalings[1] == 3.0 / 8  # alpha_pattern
@@ -131,8 +145,12 @@ def test_save_trained_adapter_without_peft_twin(peft_setup, tmp_path):
     ours = _ours(base, dirs)
     for name, layer in multi_lora_layers(ours):
         rank = 3 if "mlp" in name else 5
-        layer.set_adapter_weights("classification", torch.randn(rank, layer.in_features) * 0.2,
-                                  torch.randn(layer.out_features, rank) * 0.2, 0.7)
+        layer.set_adapter_weights(
+            "classification",
+            torch.randn(rank, layer.in_features) * 0.2,
+            torch.randn(layer.out_features, rank) * 0.2,
+            0.7,
+        )
     save_peft_adapter(ours, "classification", tmp_path / "cls")
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "cls")).eval()
     ids = torch.randint(0, 101, (2, 5))

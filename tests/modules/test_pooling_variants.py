@@ -46,8 +46,8 @@ def left_padded(seqs, L, D, dtype):
     mask = torch.zeros(len(seqs), L, dtype=torch.int64)  # integer masks work like bool
     for b, s in enumerate(seqs):
         if len(s):
-            hidden[b, L - len(s):] = s
-            mask[b, L - len(s):] = 1
+            hidden[b, L - len(s) :] = s
+            mask[b, L - len(s) :] = 1
     return hidden, mask
 
 
@@ -67,8 +67,14 @@ def test_modes_match_a_per_sequence_loop_with_gradients(mode, lengths, dtype):
     hidden.requires_grad_()
     out = pool(hidden, mask, mode=mode)
     # PyTorch's own low-precision result: the loop in hidden's dtype.
-    lowp = torch.stack([loop_pool(s.to(dtype), mode).to(dtype) if mode in ("last", "first")
-                        else loop_pool(s, mode).float().to(dtype) for s in seqs])
+    lowp = torch.stack(
+        [
+            loop_pool(s.to(dtype), mode).to(dtype)
+            if mode in ("last", "first")
+            else loop_pool(s, mode).float().to(dtype)
+            for s in seqs
+        ]
+    )
     assert_within_budget(mode, out, lowp, exact)
 
     grad_out = torch.randn_like(out)
@@ -77,8 +83,12 @@ def test_modes_match_a_per_sequence_loop_with_gradients(mode, lengths, dtype):
     expected = torch.zeros_like(hidden, dtype=torch.float64)
     for b, n in enumerate(lengths):
         for i in range(n):
-            w = {"mean": 1 / n, "last": float(i == n - 1), "first": float(i == 0),
-                 "weighted_mean": (i + 1) / (n * (n + 1) / 2)}[mode]
+            w = {
+                "mean": 1 / n,
+                "last": float(i == n - 1),
+                "first": float(i == 0),
+                "weighted_mean": (i + 1) / (n * (n + 1) / 2),
+            }[mode]
             expected[b, i] = w * grad_out[b].double()
     assert_within_budget(f"grad {mode}", grad, (expected.to(dtype)), expected)
 
@@ -87,8 +97,9 @@ def test_modes_match_a_per_sequence_loop_with_gradients(mode, lengths, dtype):
 def test_left_and_right_padding_and_packed_agree(mode):
     D, lengths = 24, [4, 0, 9, 1, 6]
     seqs = sequences(lengths, D)
-    latent = LatentAttentionPooling(hidden_size=D, num_latents=5, num_heads=2, dim_head=8, ff_mult=2,
-                                    backend="reference")
+    latent = LatentAttentionPooling(
+        hidden_size=D, num_latents=5, num_heads=2, dim_head=8, ff_mult=2, backend="reference"
+    )
     kw = dict(mode=mode, latent_attention=latent)
     right = pool(*right_padded(seqs, 11, D, torch.float32), **kw)
     left = pool(*left_padded(seqs, 11, D, torch.float32), **kw)
@@ -105,8 +116,9 @@ def test_instruction_tokens_are_excluded_from_pooling_only(mode):
     D = 16
     instr, text = [3, 0, 5], [4, 6, 0]
     seqs = sequences([i + t for i, t in zip(instr, text)], D)
-    latent = LatentAttentionPooling(hidden_size=D, num_latents=3, num_heads=1, dim_head=8, ff_mult=1,
-                                    backend="reference")
+    latent = LatentAttentionPooling(
+        hidden_size=D, num_latents=3, num_heads=1, dim_head=8, ff_mult=1, backend="reference"
+    )
     kw = dict(mode=mode, latent_attention=latent)
     text_only = pool(*right_padded([s[i:] for s, i in zip(seqs, instr)], 8, D, torch.float32), **kw)
 
@@ -138,8 +150,12 @@ def test_pooling_module_modes_normalize_and_state_dict():
     assert module.normalize
     assert set(module.state_dict()) == {f"latent_attention.{k}" for k in module.latent_attention.state_dict()}
     torch.testing.assert_close(module(h, mask), module.latent_attention(h, mask))
-    assert Pooling("latent_attention", normalize=False, hidden_size=32, num_latents=4,
-                   num_heads=2, dim_head=8).latent_attention.normalize is False
+    assert (
+        Pooling(
+            "latent_attention", normalize=False, hidden_size=32, num_latents=4, num_heads=2, dim_head=8
+        ).latent_attention.normalize
+        is False
+    )
     assert set(POOLING_MODES) == set(SIMPLE_MODES) | {"latent_attention"}
 
 
@@ -158,8 +174,12 @@ def test_pooling_rejects_bad_input_with_clear_errors():
     with pytest.raises(TypeError, match="pool_mask must be bool or an integer dtype"):
         pool(h, mask.float(), mode="first")
     with pytest.raises(ValueError, match=r"pool_mask shape \(4,\) does not match hidden's \[T\] = \(5,\)"):
-        pool(h[0, :, :].repeat(2, 1)[:5], mask[0], mode="weighted_mean",
-             cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32))
+        pool(
+            h[0, :, :].repeat(2, 1)[:5],
+            mask[0],
+            mode="weighted_mean",
+            cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32),
+        )
     with pytest.raises(ValueError, match="cu_seqlens must end at the number of rows of hidden"):
         pool(h[0], mode="mean", cu_seqlens=torch.tensor([0, 2, 3], dtype=torch.int32))
     with pytest.raises(ValueError, match="hidden must have 3 dims"):
@@ -174,9 +194,11 @@ def test_every_mode_and_the_reference_block_check_the_pool_mask_alike():
 
     cfg = dict(hidden_size=8, num_latents=2, num_heads=2, dim_head=4)
     latent = LatentAttentionPooling(**cfg, backend="reference")
-    entry_points = [lambda h, m: pool(h, m, mode="mean"),
-                    lambda h, m: pool(h, m, mode="latent_attention", latent_attention=latent),
-                    UnfoldedLatentAttentionPooling(**cfg)]
+    entry_points = [
+        lambda h, m: pool(h, m, mode="mean"),
+        lambda h, m: pool(h, m, mode="latent_attention", latent_attention=latent),
+        UnfoldedLatentAttentionPooling(**cfg),
+    ]
     h, mask = torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool)
     for call in entry_points:
         with pytest.raises(ValueError, match=r"pool_mask shape \(2, 3\) does not match hidden's \[B, L\] = \(2, 4\)"):

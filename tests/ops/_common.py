@@ -46,9 +46,7 @@ def run_compile_script(script: str, *args: str) -> tuple[list[str], str]:
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     path = Path(__file__).with_name(script)
-    result = subprocess.run(
-        [sys.executable, str(path), *args], capture_output=True, text=True, env=env, timeout=600
-    )
+    result = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     compiled = [line for line in result.stdout.splitlines() if line.startswith("compiled ")]
     return compiled, result.stdout

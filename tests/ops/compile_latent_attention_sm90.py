@@ -14,10 +14,11 @@ import sys
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET to compile kernels"
 
 import triton  # noqa: E402
+from compile_masked_mean_sm90 import H100, aligned  # noqa: E402  (a sibling when run as a script)
 from triton.compiler import ASTSource  # noqa: E402
 
 from latentembed.ops.latent_attention import triton as lat  # noqa: E402
-from compile_masked_mean_sm90 import H100, aligned  # noqa: E402  (a sibling when run as a script)
+
 # Pointers in the data dtype; the rest are fp32 (LayerNorm statistics, parameters, partial sums)
 # or int32 (cu_seqlens).
 FP32_PTRS = {"w_ptr", "b_ptr", "mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr"}
@@ -75,7 +76,7 @@ def variants(everything=False):
             small_r = [16] if block_r is not None and dtype == "bf16" and everything else []
             for r in ([block_r] if block_r else [None]) + small_r:
                 picked = _pick(name, configs, dtype, dot, everything)
-                for cfg in (picked if r == block_r else _configs(kernel, r)[:1]):
+                for cfg in picked if r == block_r else _configs(kernel, r)[:1]:
                     constexprs = dict(cfg.kwargs)
                     if dot:
                         constexprs["IEEE"] = dtype == "fp32"
@@ -83,7 +84,14 @@ def variants(everything=False):
                         constexprs["BLOCK_R"] = r
                     sig = {**_signature(kernel, dtype), **{k: "constexpr" for k in constexprs}}
                     label = f"{name} {dtype} " + "-".join(f"{k}{v}" for k, v in constexprs.items())
-                    yield label, kernel, *aligned(sig, constexprs, []), cfg.num_warps, cfg.num_stages, dot and dtype != "fp32"
+                    yield (
+                        label,
+                        kernel,
+                        *aligned(sig, constexprs, []),
+                        cfg.num_warps,
+                        cfg.num_stages,
+                        dot and dtype != "fp32",
+                    )
     # The LayerNorm backward is not autotuned: its one GPU configuration.
     for dtype in ("bf16", "fp32") if everything else ("bf16",):
         constexprs = {"BLOCK_T": 16, "BLOCK_D": 256}

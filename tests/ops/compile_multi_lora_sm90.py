@@ -12,11 +12,11 @@ import sys
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET to compile kernels"
 
 import triton  # noqa: E402
+from compile_masked_mean_sm90 import H100, aligned  # noqa: E402  (a sibling when run as a script)
 from triton.compiler import ASTSource  # noqa: E402
 
 from latentembed.ops.multi_lora import triton as ml  # noqa: E402
 from latentembed.ops.multi_lora.grouping import BLOCK_M  # noqa: E402
-from compile_masked_mean_sm90 import H100, aligned  # noqa: E402  (a sibling when run as a script)
 
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
@@ -44,18 +44,32 @@ def shrink_expand_variants(kind: str):
         for has_base, store_h, store_y in modes:
             pointers = {n: ptr for n in ("x_ptr", "w1_ptr", "w2_ptr", "base_ptr", "y_ptr")}
             pointers.update(scale_ptr="*fp32", h_ptr="*fp32", rows_ptr="*i64", blocks_ptr="*i32")
-            flags = {"HAS_BASE": has_base, "STORE_H": store_h, "STORE_Y": store_y, "BLOCK_M": BLOCK_M,
-                     "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+            flags = {
+                "HAS_BASE": has_base,
+                "STORE_H": store_h,
+                "STORE_Y": store_y,
+                "BLOCK_M": BLOCK_M,
+                "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+            }
             if not has_base:
                 flags["base_ptr"] = None
             for r_pad in (16, 64):
                 for i, (sub_m, bk, bn, split, warps, stages) in enumerate(configs):
                     if r_pad != 16 and i:
                         continue
-                    constexprs = {**flags, "R_PAD": r_pad, "SUB_M": sub_m, "BLOCK_K": bk, "BLOCK_N": bn, "SPLIT_N": split}
+                    constexprs = {
+                        **flags,
+                        "R_PAD": r_pad,
+                        "SUB_M": sub_m,
+                        "BLOCK_K": bk,
+                        "BLOCK_N": bn,
+                        "SPLIT_N": split,
+                    }
                     sig = {**_signature(kernel, pointers), **{k: "constexpr" for k in constexprs}}
-                    name = (f"multi_lora shrink_expand {kind} {dtype} base{int(has_base)} h{int(store_h)} "
-                            f"y{int(store_y)} R{r_pad} M{sub_m}-K{bk}-N{bn}-S{split}-w{warps}-s{stages}")
+                    name = (
+                        f"multi_lora shrink_expand {kind} {dtype} base{int(has_base)} h{int(store_h)} "
+                        f"y{int(store_y)} R{r_pad} M{sub_m}-K{bk}-N{bn}-S{split}-w{warps}-s{stages}"
+                    )
                     yield name + " aligned", kernel, *aligned(sig, constexprs, unit), warps, stages
                     if i == 0 and r_pad == 16:
                         yield name + " strided", kernel, sig, constexprs, {}, warps, stages
@@ -70,8 +84,12 @@ def weight_grad_variants():
             for i, (bk, warps, stages) in enumerate(configs):
                 if r_pad != 16 and i:
                     continue
-                constexprs = {"R_PAD": r_pad, "BLOCK_M": BLOCK_M, "BLOCK_K": bk,
-                              "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+                constexprs = {
+                    "R_PAD": r_pad,
+                    "BLOCK_M": BLOCK_M,
+                    "BLOCK_K": bk,
+                    "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                }
                 sig = {**_signature(partial, pointers), **{k: "constexpr" for k in constexprs}}
                 name = f"multi_lora weight_grad_partial {dtype} R{r_pad} K{bk}-w{warps}-s{stages}"
                 yield name + " aligned", partial, *aligned(sig, constexprs, ["stride_xk"]), warps, stages

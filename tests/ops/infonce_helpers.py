@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 
 from latentembed.ops.infonce import (
-    CandidateRule, candidate_mask, infonce_lse, infonce_lse_ref, infonce_per_query_loss,
+    CandidateRule,
+    candidate_mask,
+    infonce_lse,
+    infonce_lse_ref,
+    infonce_per_query_loss,
     infonce_per_query_loss_ref,
 )
 from tests.ops._common import DEVICE, HAS_GPU  # noqa: F401 (re-exported to the infonce tests)
@@ -16,8 +20,17 @@ from tests.tolerances import ATOL, assert_within_budget
 # exact in every dtype, so no candidate sits on a boundary and the masks are exactly known).
 # "key-poskey-diag": rows without a positive index, duplicates named by pos_key (GTE's
 # document-document term); "pos-key-poskey": an explicit pos_key that overrides doc_key[pos_index].
-VALUE_FREE = ["none", "pos", "pos-owner", "pos-key", "diag", "owner-diag", "pos-owner-key-diag",
-              "key-poskey-diag", "pos-key-poskey"]
+VALUE_FREE = [
+    "none",
+    "pos",
+    "pos-owner",
+    "pos-key",
+    "diag",
+    "owner-diag",
+    "pos-owner-key-diag",
+    "key-poskey-diag",
+    "pos-key-poskey",
+]
 VALUE_BASED = ["pos-threshold", "pos-margin", "threshold-nopos", "all"]
 
 
@@ -79,8 +92,9 @@ def check_against_reference(backend, q, d, scale, opts, *, exact_rank_required=F
     q = q.detach().requires_grad_()
     d = d.detach().requires_grad_()
     scale = scale.detach().requires_grad_()
-    op, reference = (infonce_per_query_loss, infonce_per_query_loss_ref) if per_query_loss else \
-        (infonce_lse, infonce_lse_ref)
+    op, reference = (
+        (infonce_per_query_loss, infonce_per_query_loss_ref) if per_query_loss else (infonce_lse, infonce_lse_ref)
+    )
     lse, n_above = op(q, d, scale, backend=backend, **opts)
 
     exact_args = [t.detach().double().requires_grad_() for t in (q, d, scale)]
@@ -113,8 +127,17 @@ def check_against_reference(backend, q, d, scale, opts, *, exact_rank_required=F
     exact_grads = torch.autograd.grad(exact, exact_args, masked_g.double())
     for name, got, lp, ex in zip(("grad q", "grad d"), grads[:2], lowp_grads[:2], exact_grads[:2]):
         assert_within_budget(name, got, lp, ex)
-    _check_scale_grad(grads[2], lowp_grads[2], exact_grads[2], exact_args[2].detach(), exact_scores, keep,
-                      masked_g.double(), opts, per_query_loss)
+    _check_scale_grad(
+        grads[2],
+        lowp_grads[2],
+        exact_grads[2],
+        exact_args[2].detach(),
+        exact_scores,
+        keep,
+        masked_g.double(),
+        opts,
+        per_query_loss,
+    )
     return lse, n_above, grads
 
 
@@ -135,4 +158,3 @@ def _check_scale_grad(got, lowp, exact, scale, scores, keep, g, opts, per_query_
     err = abs(got.double().item() - exact.item())
     budget = 2 * abs(lowp.double().item() - exact.item()) + ATOL[got.dtype] * max(1.0, magnitude.item())
     assert err <= budget, f"grad scale: error {err:.3e} exceeds budget {budget:.3e}"
-

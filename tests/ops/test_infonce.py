@@ -10,12 +10,22 @@ import pytest
 import torch
 
 from latentembed.ops.infonce import (
-    CandidateRule, InfoNCELSEFunction, infonce_lse, infonce_lse_ref, infonce_per_query_loss,
-)
-from tests.ops.infonce_helpers import (
-    DEVICE, HAS_GPU, VALUE_BASED, VALUE_FREE, check_against_reference, make_options, quantized,
+    CandidateRule,
+    InfoNCELSEFunction,
+    infonce_lse,
+    infonce_lse_ref,
+    infonce_per_query_loss,
 )
 from tests.ops._common import BF16_ON_GPU, KERNEL_BACKENDS, dtype_params
+from tests.ops.infonce_helpers import (
+    DEVICE,
+    HAS_GPU,
+    VALUE_BASED,
+    VALUE_FREE,
+    check_against_reference,
+    make_options,
+    quantized,
+)
 
 # The interpreter's bf16 tl.dot is garbage (triton#11584): bf16 runs on the GPU only.
 DTYPES = dtype_params(bf16_marks=BF16_ON_GPU)
@@ -73,8 +83,9 @@ def test_per_query_loss_matches_reference(backend, dtype, option):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 7, 3), (6, 1, 127), (3, 17, 1), (18, 33, 64)],
-                         ids=lambda s: "B{}-N{}-D{}".format(*s))
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 3), (1, 7, 3), (6, 1, 127), (3, 17, 1), (18, 33, 64)], ids=lambda s: "B{}-N{}-D{}".format(*s)
+)
 def test_odd_shapes(backend, shape):
     B, N, D = shape
     q = quantized(B, D, dtype=torch.float32)
@@ -222,8 +233,12 @@ def test_validate_false_never_syncs_on_gpu(backend):
     q = torch.randn(B, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     d = torch.randn(N, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     scale = torch.tensor(5.0, device=DEVICE, requires_grad=True)
-    kw = dict(pos_index=torch.randint(0, N, (B,), device=DEVICE),
-              doc_key=torch.randint(0, 50, (N,), device=DEVICE), backend=backend, validate=False)
+    kw = dict(
+        pos_index=torch.randint(0, N, (B,), device=DEVICE),
+        doc_key=torch.randint(0, 50, (N,), device=DEVICE),
+        backend=backend,
+        validate=False,
+    )
 
     def step():
         lse, _ = infonce_per_query_loss(q, d, scale, **kw)
@@ -249,9 +264,15 @@ def test_candidate_rule_reaches_the_ops_unchanged(monkeypatch):
     B, N, D = 5, 13, 8
     q = torch.randn(B, D, device=DEVICE, requires_grad=True)
     d = torch.randn(N, D, device=DEVICE)
-    rule = dict(pos_index=torch.randint(0, N, (B,), device=DEVICE), pos_score=torch.randn(B, device=DEVICE),
-                doc_owner=torch.randint(-1, B, (N,), device=DEVICE), doc_key=torch.randint(0, 4, (N,), device=DEVICE),
-                threshold=0.75, margin=0.5, exclude_diagonal=True)
+    rule = dict(
+        pos_index=torch.randint(0, N, (B,), device=DEVICE),
+        pos_score=torch.randn(B, device=DEVICE),
+        doc_owner=torch.randint(-1, B, (N,), device=DEVICE),
+        doc_key=torch.randint(0, 4, (N,), device=DEVICE),
+        threshold=0.75,
+        margin=0.5,
+        exclude_diagonal=True,
+    )
     seen = {}
     forward_op, backward_op = infonce._kernel_ops("triton")
 
@@ -259,6 +280,7 @@ def test_candidate_rule_reaches_the_ops_unchanged(monkeypatch):
         def call(*args, **kwargs):
             seen[name] = (len(args), kwargs)
             return op(*args, **kwargs)
+
         return call
 
     monkeypatch.setattr(infonce, "_kernel_ops", lambda backend: (record("fwd", forward_op), record("bwd", backward_op)))

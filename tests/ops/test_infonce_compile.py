@@ -56,12 +56,27 @@ def _op_cases(device):
     key = torch.randint(0, 4, (N,), device=device)
     pos_key = torch.randint(0, 4, (B,), device=device)
     score = torch.randn(B, device=device)
-    return q, d, scale, [
-        (CandidateRule(), False),
-        (CandidateRule(pos_index=pos, pos_score=score, doc_owner=owner, doc_key=key, threshold=0.5, margin=0.9,
-                       exclude_diagonal=True), True),
-        (CandidateRule(doc_key=key, pos_key=pos_key, exclude_diagonal=True), False),
-    ]
+    return (
+        q,
+        d,
+        scale,
+        [
+            (CandidateRule(), False),
+            (
+                CandidateRule(
+                    pos_index=pos,
+                    pos_score=score,
+                    doc_owner=owner,
+                    doc_key=key,
+                    threshold=0.5,
+                    margin=0.9,
+                    exclude_diagonal=True,
+                ),
+                True,
+            ),
+            (CandidateRule(doc_key=key, pos_key=pos_key, exclude_diagonal=True), False),
+        ],
+    )
 
 
 def _opcheck(forward_op, backward_op, device):

@@ -156,5 +156,6 @@ def test_largest_and_smallest_float32_scales_are_accepted(backend):
 def test_validate_false_skips_the_tensor_scale_value_check():
     # Documented: validate=False reads no values back, so a tensor scale is not checked.
     q, d, pos = _scale_args()
-    infonce_lse(q, d, torch.tensor(1e39, dtype=torch.float64, device=DEVICE), pos_index=pos, validate=False,
-                backend="reference")
+    infonce_lse(
+        q, d, torch.tensor(1e39, dtype=torch.float64, device=DEVICE), pos_index=pos, validate=False, backend="reference"
+    )

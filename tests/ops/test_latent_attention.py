@@ -325,7 +325,9 @@ def test_geglu_cuda_ops_pass_opcheck():
     a, cu = packed([3, 0, 5], 8, torch.bfloat16)
     ops = torch.ops.latentembed
     torch.library.opcheck(ops.geglu_segment_mean_fwd_cuda.default, (a, cu))
-    torch.library.opcheck(ops.geglu_segment_mean_bwd_cuda.default, (torch.randn(3, 8, device=DEVICE, dtype=a.dtype), a, cu))
+    torch.library.opcheck(
+        ops.geglu_segment_mean_bwd_cuda.default, (torch.randn(3, 8, device=DEVICE, dtype=a.dtype), a, cu)
+    )
 
 
 @pytest.mark.gpu

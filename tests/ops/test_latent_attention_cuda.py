@@ -12,24 +12,33 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from latentembed.ops.dispatch import select_backend
 from latentembed.ops.latent_attention import (
     ATTENTION_BACKENDS,
-    cuda as lat_cuda,
     latent_cross_attention,
     latent_cross_attention_ref,
 )
+from latentembed.ops.latent_attention import (
+    cuda as lat_cuda,
+)
+from tests.ops._common import DEVICE, dtype_params
 from tests.ops.test_latent_attention import (
     check_against_float64,
     check_frozen_folded_matrices,
     make_inputs,
 )
-from tests.ops._common import DEVICE, dtype_params
 
 gpu_ext = [pytest.mark.gpu, pytest.mark.cuda_ext]
 
 DTYPES = dtype_params()
 # (T, D, H, R): one row and one latent; R and D odd, below and above the 256-thread block (the
 # kernels' strided loops); several heads; R above Triton's 512-latent limit.
-SHAPES = [(1, 3, 1, 1), (37, 24, 2, 5), (9, 300, 3, 33), (70, 64, 2, 16), (5, 513, 1, 700),
-          (130, 40, 2, 7), (6, 40, 1, 1100)]
+SHAPES = [
+    (1, 3, 1, 1),
+    (37, 24, 2, 5),
+    (9, 300, 3, 33),
+    (70, 64, 2, 16),
+    (5, 513, 1, 700),
+    (130, 40, 2, 7),
+    (6, 40, 1, 1100),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -137,8 +146,11 @@ def test_cuda_ops_pass_opcheck(dtype):
 @pytest.mark.gpu
 @pytest.mark.cuda_ext
 def test_auto_prefers_triton_and_falls_back_to_cuda_beyond_triton_limits():
-    pick = lambda R: select_backend("latent_cross_attention", ATTENTION_BACKENDS, "auto",
-                                    torch.device("cuda"), torch.bfloat16, R).name
+    pick = lambda R: (
+        select_backend(
+            "latent_cross_attention", ATTENTION_BACKENDS, "auto", torch.device("cuda"), torch.bfloat16, R
+        ).name
+    )
     assert pick(512) == "triton"
     assert pick(1100) == "cuda"
 
@@ -154,7 +166,12 @@ def test_cuda_fakes_follow_the_kernel_contract():
     assert (tuple(y.shape), y.dtype) == ((7, 12), torch.float16)
     assert (tuple(probs.shape), probs.dtype) == ((7, 6), torch.float16)
     assert [(tuple(t.shape), t.dtype) for t in (mean, rstd)] == [((7,), torch.float32)] * 2
-    expected = [((7, 12), torch.float16), ((12,), torch.float32), ((12,), torch.float32),
-                ((2, 3, 12), torch.float16), ((0,), torch.float16)]
+    expected = [
+        ((7, 12), torch.float16),
+        ((12,), torch.float32),
+        ((12,), torch.float32),
+        ((2, 3, 12), torch.float16),
+        ((0,), torch.float16),
+    ]
     assert [(tuple(t.shape), t.dtype) for t in grads] == expected
     assert lat_cuda.latent_attn_fwd_cuda.__doc__ and lat_cuda.latent_attn_bwd_cuda.__doc__

@@ -146,7 +146,7 @@ def test_reference_matches_definition():
     mask = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]])
     out = masked_mean_pool_ref(hidden, mask)
     for b in range(3):
-        kept = [hidden[b, l] for l in range(4) if mask[b, l]]
+        kept = [hidden[b, t] for t in range(4) if mask[b, t]]
         expected = sum(kept) / len(kept) if kept else torch.zeros(2, dtype=torch.float64)
         assert torch.equal(out[b], expected)
 

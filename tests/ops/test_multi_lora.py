@@ -16,10 +16,15 @@ from tests.tolerances import assert_within_budget
 DTYPES = dtype_params(bf16_marks=pytest.mark.gpu)
 # (N, in, out, R, T): odd sizes, R below/at/over tl.dot's 16, rows spanning several blocks.
 SHAPES = [
-    (1, 3, 3, 1, 1), (37, 24, 40, 4, 3), (130, 40, 24, 16, 5), (37, 3, 40, 16, 5), (130, 24, 3, 1, 3),
+    (1, 3, 3, 1, 1),
+    (37, 24, 40, 4, 3),
+    (130, 40, 24, 16, 5),
+    (37, 3, 40, 16, 5),
+    (130, 24, 3, 1, 3),
     # R=128, the largest R the kernels take: enough rows and inputs that the max error over dx is
     # not decided by a handful of elements (with N=5, in=3 the 2x budget failed 1 run in ~50).
-    (13, 24, 3, 40, 2), (29, 16, 7, 128, 2),
+    (13, 24, 3, 40, 2),
+    (29, 16, 7, 128, 2),
 ]
 
 
@@ -71,9 +76,7 @@ def test_triton_matches_reference(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "pattern", ["all_base", "all_one_adapter", "adapter_without_rows", "many_blocks_one_adapter"]
-)
+@pytest.mark.parametrize("pattern", ["all_base", "all_one_adapter", "adapter_without_rows", "many_blocks_one_adapter"])
 def test_index_patterns(dtype, pattern):
     n, num_adapters = 37, 3
     if pattern == "all_base":
@@ -164,7 +167,9 @@ def test_mixed_batch_equals_each_row_alone():
 
 
 def test_reference_gradcheck_float64():
-    base, x, a, b, scaling, index = make_case(9, 5, 6, 3, 3, torch.float64, index=torch.tensor([0, -1, 2, 2, 0, 1, -1, 2, 0]))
+    base, x, a, b, scaling, index = make_case(
+        9, 5, 6, 3, 3, torch.float64, index=torch.tensor([0, -1, 2, 2, 0, 1, -1, 2, 0])
+    )
     inputs = [t.requires_grad_() for t in (base, x, a, b)]
     assert torch.autograd.gradcheck(
         lambda *v: multi_lora_linear_add_ref(*v, scaling.double(), index.to(DEVICE)), inputs
@@ -251,7 +256,6 @@ def test_backward_is_deterministic_on_gpu():
     second = torch.autograd.grad(multi_lora_linear_add(*inputs, scaling, g), inputs[1:], grad_out)
     for u, v in zip(first, second):
         assert torch.equal(u, v)
-
 
 
 @pytest.mark.gpu

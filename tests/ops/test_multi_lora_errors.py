@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from latentembed.ops import BackendUnavailableError
+from latentembed.ops.dispatch import select_backend
 from latentembed.ops.multi_lora import (
     BACKENDS,
     MAX_TRITON_RANK,
@@ -11,7 +12,6 @@ from latentembed.ops.multi_lora import (
     multi_lora_linear_add,
 )
 from latentembed.ops.multi_lora.grouping import BLOCK_M, REDUCE_M
-from latentembed.ops.dispatch import select_backend
 
 
 def check_tables(index: torch.Tensor, num_adapters: int):
@@ -61,7 +61,12 @@ def test_grouping_special_patterns():
 @pytest.mark.parametrize(
     "index, num_adapters, error, pattern",
     [
-        (torch.tensor([0, 3]), 3, ValueError, r"adapter_index values must be in \[-1, num_adapters\) = \[-1, 3\), got 3"),
+        (
+            torch.tensor([0, 3]),
+            3,
+            ValueError,
+            r"adapter_index values must be in \[-1, num_adapters\) = \[-1, 3\), got 3",
+        ),
         (torch.tensor([0, -2]), 3, ValueError, r"\[-1, 3\), got -2"),
         (torch.tensor([0.0, 1.0]), 3, TypeError, r"adapter_index must have an integer dtype .* got float32"),
         (torch.tensor([True]), 3, TypeError, r"integer dtype .* got bool"),
@@ -96,7 +101,11 @@ def call(**changes):
     [
         (dict(x=torch.randn(N, IN + 1)), ValueError, r"lora_a \[T, R, in\] has in = 5, but x \[N, in\] has in = 6"),
         (dict(base_out=torch.randn(N + 1, OUT)), ValueError, r"base_out has N = 7 rows, x has N = 6"),
-        (dict(lora_b=torch.randn(T, OUT + 1, R)), ValueError, r"lora_b must have shape \[T, out, R\] = \(2, 7, 3\).*got \(2, 8, 3\)"),
+        (
+            dict(lora_b=torch.randn(T, OUT + 1, R)),
+            ValueError,
+            r"lora_b must have shape \[T, out, R\] = \(2, 7, 3\).*got \(2, 8, 3\)",
+        ),
         (dict(lora_b=torch.randn(T, OUT, R + 1)), ValueError, r"lora_b must have shape \[T, out, R\] = \(2, 7, 3\)"),
         (dict(lora_b=torch.randn(T + 1, OUT, R)), ValueError, r"lora_b must have shape"),
         (dict(scaling=torch.ones(T + 1)), ValueError, r"scaling must have shape \[T\] = \(2,\), got \(3,\)"),
@@ -107,9 +116,21 @@ def call(**changes):
         (dict(x=X.half()), TypeError, r"base_out must have x's dtype \(float16\), got float32"),
         (dict(lora_b=B.double()), TypeError, r"lora_b must have x's dtype \(float32\), got float64"),
         (dict(x=X.long()), TypeError, r"x must have dtype in \[.*\], got int64"),
-        (dict(grouping=group_by_adapter(torch.zeros(N + 1, dtype=torch.long), T)), ValueError, r"grouping was built for N = 7 rows, x has N = 6"),
-        (dict(grouping=group_by_adapter(torch.zeros(N, dtype=torch.long), T + 1)), ValueError, r"grouping was built for T = 3 adapters, lora_a has T = 2"),
-        (dict(grouping=torch.zeros(N, dtype=torch.long)), TypeError, r"grouping must be the LoRAGrouping returned by group_by_adapter, got Tensor"),
+        (
+            dict(grouping=group_by_adapter(torch.zeros(N + 1, dtype=torch.long), T)),
+            ValueError,
+            r"grouping was built for N = 7 rows, x has N = 6",
+        ),
+        (
+            dict(grouping=group_by_adapter(torch.zeros(N, dtype=torch.long), T + 1)),
+            ValueError,
+            r"grouping was built for T = 3 adapters, lora_a has T = 2",
+        ),
+        (
+            dict(grouping=torch.zeros(N, dtype=torch.long)),
+            TypeError,
+            r"grouping must be the LoRAGrouping returned by group_by_adapter, got Tensor",
+        ),
         (dict(lora_a=A.to("meta")), ValueError, r"lora_a must be on the same device as x \(cpu\), got meta"),
         (dict(base_out=[1.0]), TypeError, r"base_out must be a torch.Tensor, got list"),
         (dict(backend="fastest"), ValueError, r"argument backend must be one of .* got 'fastest'"),
@@ -137,7 +158,9 @@ def test_triton_backend_refusals_say_why():
     with pytest.raises(BackendUnavailableError, match=r"triton: supports dtypes .*got float64"):
         call(x=X.double(), base_out=BASE.double(), lora_a=A.double(), lora_b=B.double(), backend="triton")
     big = MAX_TRITON_RANK + 1
-    with pytest.raises(BackendUnavailableError, match=rf"triton: supports r_max <= {MAX_TRITON_RANK}, got lora_a with R = {big}"):
+    with pytest.raises(
+        BackendUnavailableError, match=rf"triton: supports r_max <= {MAX_TRITON_RANK}, got lora_a with R = {big}"
+    ):
         call(lora_a=torch.randn(T, big, IN), lora_b=torch.randn(T, OUT, big), backend="triton")
     # ... while the reference takes both
     assert call(lora_a=torch.randn(T, big, IN), lora_b=torch.randn(T, OUT, big), backend="reference").shape == (N, OUT)

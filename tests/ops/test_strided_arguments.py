@@ -59,8 +59,10 @@ def _latent_attention_cases(t):
     a, cu = torch.randn(9, 8, device=DEVICE), _cu([4, 0, 5])
     return {
         "latent_attn_fwd": (t.latent_attn_fwd_triton, (x, w, b, m, u, 1e-5)),
-        "latent_attn_bwd": (t.latent_attn_bwd_triton,
-                            (torch.randn(T, D, device=DEVICE), x, w, b, m, u, probs, mean, rstd, True, True)),
+        "latent_attn_bwd": (
+            t.latent_attn_bwd_triton,
+            (torch.randn(T, D, device=DEVICE), x, w, b, m, u, probs, mean, rstd, True, True),
+        ),
         "geglu_fwd": (t.geglu_segment_mean_fwd_triton, (a, cu)),
         "geglu_bwd": (t.geglu_segment_mean_bwd_triton, (torch.randn(3, 4, device=DEVICE), a, cu)),
     }
@@ -73,17 +75,22 @@ def _infonce_cases(t):
     q, d = torch.randn(B, D, device=DEVICE), torch.randn(N, D, device=DEVICE)
     scale = torch.tensor(2.5, device=DEVICE)
     rule = CandidateRule(margin=0.9, exclude_diagonal=True)
-    tensors = (torch.randint(0, N, (B,), device=DEVICE), torch.randn(B, device=DEVICE),
-               torch.randint(-1, B, (N,), device=DEVICE), torch.randint(0, 9, (N,), device=DEVICE),
-               torch.randint(0, 9, (B,), device=DEVICE))
+    tensors = (
+        torch.randint(0, N, (B,), device=DEVICE),
+        torch.randn(B, device=DEVICE),
+        torch.randint(-1, B, (N,), device=DEVICE),
+        torch.randint(0, 9, (N,), device=DEVICE),
+        torch.randint(0, 9, (B,), device=DEVICE),
+    )
 
     # The harness spreads positional tensors; the ops take the rule's fields by keyword.
     def forward(q, d, scale, *rule_tensors):
         return t.infonce_lse_fwd_triton(q, d, scale, **rule.with_tensors(rule_tensors).keywords())
 
     def backward(grad, q, d, scale, lse, *rule_tensors):
-        return t.infonce_lse_bwd_triton(grad, q, d, scale, lse, subtract_positive=True,
-                                        **rule.with_tensors(rule_tensors).keywords())
+        return t.infonce_lse_bwd_triton(
+            grad, q, d, scale, lse, subtract_positive=True, **rule.with_tensors(rule_tensors).keywords()
+        )
 
     lse, _, _ = forward(q, d, scale, *tensors)
     return {
@@ -102,22 +109,45 @@ def _multi_lora_cases(t):
     rows = (g.sorted_rows, g.blocks)
     return {
         "multi_lora_fwd": (t.multi_lora_fwd_triton, (base, x, a, b, scaling, *rows)),
-        "multi_lora_bwd": (t.multi_lora_bwd_triton, (torch.randn(n, d_out, device=DEVICE), x, a, b, scaling, h,
-                                                     *rows, g.reduce_blocks, g.reduce_offsets, True, True, True)),
+        "multi_lora_bwd": (
+            t.multi_lora_bwd_triton,
+            (
+                torch.randn(n, d_out, device=DEVICE),
+                x,
+                a,
+                b,
+                scaling,
+                h,
+                *rows,
+                g.reduce_blocks,
+                g.reduce_offsets,
+                True,
+                True,
+                True,
+            ),
+        ),
     }
 
 
 LAUNCHER_CASES = {
-    "masked_mean": _masked_mean_cases, "latent_attention": _latent_attention_cases,
-    "infonce": _infonce_cases, "multi_lora": _multi_lora_cases,
+    "masked_mean": _masked_mean_cases,
+    "latent_attention": _latent_attention_cases,
+    "infonce": _infonce_cases,
+    "multi_lora": _multi_lora_cases,
 }
-LAUNCHERS = [(op, name) for op, cases in (
-    ("masked_mean", ["masked_mean_fwd-padded", "masked_mean_fwd-packed", "masked_mean_bwd-padded",
-                     "masked_mean_bwd-packed"]),
-    ("latent_attention", ["latent_attn_fwd", "latent_attn_bwd", "geglu_fwd", "geglu_bwd"]),
-    ("infonce", ["infonce_fwd", "infonce_bwd"]),
-    ("multi_lora", ["multi_lora_fwd", "multi_lora_bwd"]),
-) for name in cases]
+LAUNCHERS = [
+    (op, name)
+    for op, cases in (
+        (
+            "masked_mean",
+            ["masked_mean_fwd-padded", "masked_mean_fwd-packed", "masked_mean_bwd-padded", "masked_mean_bwd-packed"],
+        ),
+        ("latent_attention", ["latent_attn_fwd", "latent_attn_bwd", "geglu_fwd", "geglu_bwd"]),
+        ("infonce", ["infonce_fwd", "infonce_bwd"]),
+        ("multi_lora", ["multi_lora_fwd", "multi_lora_bwd"]),
+    )
+    for name in cases
+]
 
 
 @pytest.mark.parametrize("op, case", LAUNCHERS, ids=[name for _, name in LAUNCHERS])
@@ -177,12 +207,14 @@ def test_expanded_views_match_reference():
 
     hidden = torch.randn(1, 7, 10, device=DEVICE).expand(3, 7, 10)
     mask = (torch.rand(1, 7, device=DEVICE) < 0.7).expand(3, 7)
-    torch.testing.assert_close(masked_mean_pool(hidden, mask, backend="triton"),
-                               masked_mean_pool(hidden, mask, backend="reference"))
+    torch.testing.assert_close(
+        masked_mean_pool(hidden, mask, backend="triton"), masked_mean_pool(hidden, mask, backend="reference")
+    )
 
     q, d = quantized(6, 20, dtype=torch.float32), quantized(41, 20, dtype=torch.float32)
-    opts = dict(pos_index=torch.tensor([5], device=DEVICE).expand(6),
-                doc_owner=torch.tensor([2], device=DEVICE).expand(41))
+    opts = dict(
+        pos_index=torch.tensor([5], device=DEVICE).expand(6), doc_owner=torch.tensor([2], device=DEVICE).expand(41)
+    )
     check_against_reference("triton", q, d, torch.tensor(1.3, device=DEVICE), opts)
 
     index = torch.randint(-1, 3, (13,), device=DEVICE)

@@ -143,13 +143,20 @@ def test_ops_run_on_the_second_gpu():
     assert torch.cuda.current_device() == 0
     dev = torch.device("cuda", 1)
     h, mask = torch.randn(3, 7, 64, device=dev), torch.rand(3, 7, device=dev) < 0.7
-    torch.testing.assert_close(masked_mean_pool(h, mask, backend="triton"),
-                               masked_mean_pool(h, mask, backend="reference"))
+    torch.testing.assert_close(
+        masked_mean_pool(h, mask, backend="triton"), masked_mean_pool(h, mask, backend="reference")
+    )
     q, d, pos = torch.randn(5, 64, device=dev), torch.randn(11, 64, device=dev), torch.arange(5, device=dev)
-    torch.testing.assert_close(infonce_lse(q, d, 3.0, pos_index=pos, backend="triton")[0],
-                               infonce_lse(q, d, 3.0, pos_index=pos, backend="reference")[0])
+    torch.testing.assert_close(
+        infonce_lse(q, d, 3.0, pos_index=pos, backend="triton")[0],
+        infonce_lse(q, d, 3.0, pos_index=pos, backend="reference")[0],
+    )
     x, m, u = torch.randn(9, 64, device=dev), torch.randn(2, 16, 64, device=dev) / 8, torch.randn(2, 16, 64, device=dev)
     w, b = torch.ones(64, device=dev), torch.zeros(64, device=dev)
-    torch.testing.assert_close(latent_cross_attention(x, w, b, m, u, backend="triton"),
-                               latent_cross_attention(x, w, b, m, u, backend="reference"), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        latent_cross_attention(x, w, b, m, u, backend="triton"),
+        latent_cross_attention(x, w, b, m, u, backend="reference"),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     assert torch.cuda.current_device() == 0

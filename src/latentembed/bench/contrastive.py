@@ -172,7 +172,7 @@ def run(device: torch.device, copy_gbps: float, impls: Optional[Sequence[str]] =
     else:
         shapes = [(64, 256, 64)]
         dtype = torch.float32
-    for i, (B, N, D) in enumerate(shapes):
+    for B, N, D in shapes:
         case = f"{str(dtype).replace('torch.', '')} B{B}-N{N}-D{D}"
         q, d, labels = _inputs(B, N, D, dtype, device)
         mm = 2 * B * N * D
@@ -200,7 +200,9 @@ def summarize(rows: list[Measurement]) -> str:
         flops = _FLOPS.get((r.case, r.impl, r.mode))
         if flops:
             tf = flops / (r.median_ms * 1e-3) / 1e12
-            lines.append(f"  {r.case:<24} {r.impl:<18} {r.mode:<8} {tf:7.1f} TFLOP/s ({100 * tf / MATMUL_CEILING_TFLOPS:5.1f}%)")
+            lines.append(
+                f"  {r.case:<24} {r.impl:<18} {r.mode:<8} {tf:7.1f} TFLOP/s ({100 * tf / MATMUL_CEILING_TFLOPS:5.1f}%)"
+            )
     target = [r for r in rows if r.case.endswith("B4096-N16384-D4096") and r.mode == "fwd+bwd"]
     ours = [r for r in target if r.impl in ("triton", "cuda")]
     if not ours:
@@ -211,19 +213,26 @@ def summarize(rows: list[Measurement]) -> str:
     lines.append(f"target fwd+bwd <= {TARGET_MS} ms: {best.impl} {best.median_ms:.3f} ms -> {verdict}")
     if best.peak_extra_mib is not None:
         verdict = "met" if best.peak_extra_mib <= TARGET_MIB else "MISSED"
-        lines.append(f"target extra peak memory <= {TARGET_MIB:.0f} MiB: {best.impl} {best.peak_extra_mib:.0f} MiB -> {verdict}")
+        lines.append(
+            f"target extra peak memory <= {TARGET_MIB:.0f} MiB: {best.impl} {best.peak_extra_mib:.0f} MiB -> {verdict}"
+        )
         unfused = next((r for r in target if r.impl == f"{best.impl} (gather-dot)"), None)
         if unfused is not None:
-            lines.append(f"  with the positive's score by a separate gather-dot instead: "
-                         f"{unfused.median_ms:.3f} ms, {unfused.peak_extra_mib:.0f} MiB")
+            lines.append(
+                f"  with the positive's score by a separate gather-dot instead: "
+                f"{unfused.median_ms:.3f} ms, {unfused.peak_extra_mib:.0f} MiB"
+            )
     for name in ("eager", "eager+compile", "cut-cross-entropy", "inf-cl"):
         base = next((r for r in target if r.impl == name), None)
         if base is not None:
-            lines.append(f"  vs {name}: {base.median_ms:.3f} ms ({base.median_ms / best.median_ms:.2f}x ours), "
-                         f"{base.peak_extra_mib:.0f} MiB")
+            lines.append(
+                f"  vs {name}: {base.median_ms:.3f} ms ({base.median_ms / best.median_ms:.2f}x ours), "
+                f"{base.peak_extra_mib:.0f} MiB"
+            )
     big = [r for r in rows if r.case.endswith("B131072-N524288-D4096") and r.impl == best.impl and r.mode == "fwd+bwd"]
     lines.append(
         f"target 128k x 512k runs: {big[0].median_ms:.0f} ms, {big[0].peak_extra_mib:.0f} MiB extra -> met"
-        if big else "target 128k x 512k runs: not measured -> MISSED"
+        if big
+        else "target 128k x 512k runs: not measured -> MISSED"
     )
     return "\n".join(lines)

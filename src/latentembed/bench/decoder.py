@@ -22,8 +22,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..models.decoder_config import DecoderConfig
 from ..models.decoder import DecoderModel
+from ..models.decoder_config import DecoderConfig
 from .harness import MATMUL_CEILING_TFLOPS, Measurement, measure
 
 OP = "decoder"
@@ -37,9 +37,16 @@ def _shape(device: torch.device) -> dict:
 
 
 def _config(s: dict) -> dict:
-    return dict(vocab_size=32000 if s["d"] >= 1024 else 128, hidden_size=s["d"], intermediate_size=s["ffn"],
-                num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
-                rms_norm_eps=1e-5, max_position_embeddings=4096)
+    return dict(
+        vocab_size=32000 if s["d"] >= 1024 else 128,
+        hidden_size=s["d"],
+        intermediate_size=s["ffn"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv"],
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+    )
 
 
 def useful_flops(s: dict, tokens: int, sum_sq_lengths: int, mode: str) -> float:
@@ -80,11 +87,16 @@ def _build(device: torch.device):
     return s, lengths, hf, why, ours, ids, mask, cu
 
 
-def _implementations(hf, ours, ids, mask, cu, max_len: int) -> dict[str, tuple[Callable[[], torch.Tensor], torch.nn.Module]]:
+def _implementations(
+    hf, ours, ids, mask, cu, max_len: int
+) -> dict[str, tuple[Callable[[], torch.Tensor], torch.nn.Module]]:
     """name -> (call returning the last hidden states, the module whose parameters it uses)."""
     packed_ids = ids[mask]
     chosen = {
-        "latentembed-packed": (lambda: ours(packed_ids, cu_seqlens=cu, max_seqlen=max_len, validate=False).last_hidden_state, ours),
+        "latentembed-packed": (
+            lambda: ours(packed_ids, cu_seqlens=cu, max_seqlen=max_len, validate=False).last_hidden_state,
+            ours,
+        ),
         "latentembed-unpad": (lambda: ours(ids, mask, unpad=True).last_hidden_state, ours),
     }
     if packed_ids.is_cuda:
@@ -110,8 +122,10 @@ def run(device: torch.device, copy_gbps: float, impls: Optional[Sequence[str]] =
     if impls:
         chosen = {k: v for k, v in chosen.items() if k in impls}
     dtype_name = str(s["dtype"]).replace("torch.", "")
-    case = (f"{dtype_name} L{s['layers']}-D{s['d']}-H{s['heads']}-KV{s['kv']}-F{s['ffn']} "
-            f"B{s['batch']} T{sum(lengths)}/{s['batch'] * max(lengths)} Q{sum(n * n for n in lengths)}")
+    case = (
+        f"{dtype_name} L{s['layers']}-D{s['d']}-H{s['heads']}-KV{s['kv']}-F{s['ffn']} "
+        f"B{s['batch']} T{sum(lengths)}/{s['batch'] * max(lengths)} Q{sum(n * n for n in lengths)}"
+    )
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     rows: list[Measurement] = []
     for name, (fn, model) in chosen.items():
@@ -160,8 +174,10 @@ def summarize(rows: list[Measurement]) -> str:
         flops = useful_flops(s, real, sum_sq, r.mode)
         tflops = flops / (r.median_ms * 1e-3) / 1e12
         mtok = real / (r.median_ms * 1e-3) / 1e6
-        lines.append(f"{r.impl:<20} {r.mode:<8} {r.median_ms:9.3f} ms  {mtok:7.3f} M real tokens/s  "
-                     f"{tflops:7.1f} TFLOP/s ({100 * tflops / MATMUL_CEILING_TFLOPS:4.1f}% of {MATMUL_CEILING_TFLOPS:.0f})")
+        lines.append(
+            f"{r.impl:<20} {r.mode:<8} {r.median_ms:9.3f} ms  {mtok:7.3f} M real tokens/s  "
+            f"{tflops:7.1f} TFLOP/s ({100 * tflops / MATMUL_CEILING_TFLOPS:4.1f}% of {MATMUL_CEILING_TFLOPS:.0f})"
+        )
     if not rows[0].case.startswith("bfloat16 L8-D2048"):
         lines.append("note: not the H100 bf16 workload; the targets below apply to that workload only")
     for mode, factor in TARGETS.items():
@@ -172,8 +188,10 @@ def summarize(rows: list[Measurement]) -> str:
             continue
         speedup = base / ours  # same real tokens, so the time ratio is the throughput ratio
         verdict = "met" if speedup >= factor else "MISSED"
-        lines.append(f"target {mode} >= {factor}x transformers (hf-causal, padded SDPA): "
-                     f"{ours:.3f} vs {base:.3f} ms = {speedup:.2f}x -> {verdict}")
+        lines.append(
+            f"target {mode} >= {factor}x transformers (hf-causal, padded SDPA): "
+            f"{ours:.3f} vs {base:.3f} ms = {speedup:.2f}x -> {verdict}"
+        )
         bidir = _ms(rows, "hf-bidir", mode)
         if bidir:
             lines.append(f"info: {mode} vs hf-bidir (4-D mask): {bidir / ours:.2f}x")

@@ -93,7 +93,10 @@ def environment(device: torch.device) -> dict:
         info["triton"] = None
     try:
         info["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -102,8 +105,14 @@ def environment(device: torch.device) -> dict:
 
 
 def measure(
-    op: str, case: str, impl: str, mode: str, fn: Callable[[], object], bytes_moved: int,
-    device: torch.device, copy_gbps: float,
+    op: str,
+    case: str,
+    impl: str,
+    mode: str,
+    fn: Callable[[], object],
+    bytes_moved: int,
+    device: torch.device,
+    copy_gbps: float,
 ) -> Measurement:
     ms = median_ms(fn, device)
     gbps = bytes_moved / (ms * 1e-3) / 1e9

@@ -161,8 +161,7 @@ def run(device: torch.device, copy_gbps: float, impls: Optional[Sequence[str]] =
     B, L, D = hidden.shape
     T = int(mask.sum())
     dtype_name = str(dtype).replace("torch.", "")
-    case = (f"{dtype_name} D{D}-R{cfg['num_latents']}-H{cfg['num_heads']}x{cfg['dim_head']} "
-            f"B{B}-L{L}-T{T}")
+    case = f"{dtype_name} D{D}-R{cfg['num_latents']}-H{cfg['num_heads']}x{cfg['dim_head']} B{B}-L{L}-T{T}"
     weight_bytes = sum(p.numel() * p.element_size() for p in fast.parameters())
     grad_out = torch.randn(B, D, device=device, dtype=dtype)
     rows: list[Measurement] = []
@@ -179,10 +178,22 @@ def run(device: torch.device, copy_gbps: float, impls: Optional[Sequence[str]] =
             tflops = flops / (ms * 1e-3) / 1e12
             io = weight_bytes + T * D * hidden.element_size()
             gbps = io / (ms * 1e-3) / 1e9
-            rows.append(FlopMeasurement(
-                OP, case, name, mode, ms, io, gbps, 100 * gbps / copy_gbps, peak_extra_mib(call, device),
-                flops=flops, tflops=tflops, pct_floor=100 * tflops / MATMUL_CEILING_TFLOPS,
-            ))
+            rows.append(
+                FlopMeasurement(
+                    OP,
+                    case,
+                    name,
+                    mode,
+                    ms,
+                    io,
+                    gbps,
+                    100 * gbps / copy_gbps,
+                    peak_extra_mib(call, device),
+                    flops=flops,
+                    tflops=tflops,
+                    pct_floor=100 * tflops / MATMUL_CEILING_TFLOPS,
+                )
+            )
     return rows, skipped
 
 
@@ -193,8 +204,10 @@ def summarize(rows: list[Measurement]) -> str:
     lines = [f"{'impl':<16} {'mode':<16} {'median ms':>10} {'TFLOP/s':>8} {'% floor':>8} {'peak MiB':>9}"]
     for r in rows:
         peak = "-" if r.peak_extra_mib is None else f"{r.peak_extra_mib:.0f}"
-        lines.append(f"{r.impl:<16} {r.mode:<16} {r.median_ms:>10.3f} {getattr(r, 'tflops', 0):>8.2f} "
-                     f"{getattr(r, 'pct_floor', 0):>7.1f}% {peak:>9}")
+        lines.append(
+            f"{r.impl:<16} {r.mode:<16} {r.median_ms:>10.3f} {getattr(r, 'tflops', 0):>8.2f} "
+            f"{getattr(r, 'pct_floor', 0):>7.1f}% {peak:>9}"
+        )
     by = {(r.impl, r.mode): r for r in rows}
     ours = {mode: by.get(("latentembed", mode)) for mode in ("fwd", "fwd+bwd")}
     if ours["fwd"] is None or not rows[0].case.startswith("bfloat16 D4096"):
@@ -203,8 +216,10 @@ def summarize(rows: list[Measurement]) -> str:
     for mode in ("fwd", "fwd+bwd"):
         r, target = ours[mode], TARGETS[f"{mode}_ms"]
         floor_ms = r.flops / (MATMUL_CEILING_TFLOPS * 1e12) * 1e3
-        lines.append(f"target {mode} <= {target} ms: {r.median_ms:.3f} ms ({r.tflops:.0f} TFLOP/s, "
-                     f"{r.pct_floor:.0f}% of the floor {floor_ms:.2f} ms) -> {'met' if r.median_ms <= target else 'MISSED'}")
+        lines.append(
+            f"target {mode} <= {target} ms: {r.median_ms:.3f} ms ({r.tflops:.0f} TFLOP/s, "
+            f"{r.pct_floor:.0f}% of the floor {floor_ms:.2f} ms) -> {'met' if r.median_ms <= target else 'MISSED'}"
+        )
         for base in ("unfolded", "folded+compile"):
             b = by.get((base, mode))
             if b is not None:
@@ -212,18 +227,24 @@ def summarize(rows: list[Measurement]) -> str:
         unfolded = by.get(("unfolded", mode))
         if unfolded is not None and r.peak_extra_mib is not None and unfolded.peak_extra_mib:
             ratio = r.peak_extra_mib / unfolded.peak_extra_mib
-            lines.append(f"target peak memory {mode} <= {TARGETS['peak_ratio']:.0%} of the unfolded block's: "
-                         f"{r.peak_extra_mib:.0f} vs {unfolded.peak_extra_mib:.0f} MiB ({ratio:.0%}) -> "
-                         f"{'met' if ratio <= TARGETS['peak_ratio'] else 'MISSED'}")
+            lines.append(
+                f"target peak memory {mode} <= {TARGETS['peak_ratio']:.0%} of the unfolded block's: "
+                f"{r.peak_extra_mib:.0f} vs {unfolded.peak_extra_mib:.0f} MiB ({ratio:.0%}) -> "
+                f"{'met' if ratio <= TARGETS['peak_ratio'] else 'MISSED'}"
+            )
     frozen = by.get(("latentembed", "fwd+bwd(frozen)"))
     if frozen is not None:
-        lines.append(f"info: fwd+bwd with the block frozen (hidden-state gradient only): {frozen.median_ms:.3f} ms "
-                     f"({'within' if frozen.median_ms <= TARGETS['fwd+bwd_ms'] else 'above'} the "
-                     f"{TARGETS['fwd+bwd_ms']} ms of the training target)")
+        lines.append(
+            f"info: fwd+bwd with the block frozen (hidden-state gradient only): {frozen.median_ms:.3f} ms "
+            f"({'within' if frozen.median_ms <= TARGETS['fwd+bwd_ms'] else 'above'} the "
+            f"{TARGETS['fwd+bwd_ms']} ms of the training target)"
+        )
     full = ours["fwd+bwd"]
     floor_ms = full.flops / (MATMUL_CEILING_TFLOPS * 1e12) * 1e3
     if floor_ms > TARGETS["fwd+bwd_ms"]:
-        lines.append(f"note: training every weight of the block costs {full.flops / 1e12:.2f} TFLOP a step "
-                     f"(tokens + the fold and their backward), a floor of {floor_ms:.2f} ms at "
-                     f"{MATMUL_CEILING_TFLOPS:.0f} TFLOP/s: above the {TARGETS['fwd+bwd_ms']} ms target")
+        lines.append(
+            f"note: training every weight of the block costs {full.flops / 1e12:.2f} TFLOP a step "
+            f"(tokens + the fold and their backward), a floor of {floor_ms:.2f} ms at "
+            f"{MATMUL_CEILING_TFLOPS:.0f} TFLOP/s: above the {TARGETS['fwd+bwd_ms']} ms target"
+        )
     return "\n".join(lines)

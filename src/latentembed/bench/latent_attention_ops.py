@@ -96,8 +96,21 @@ def _time(op, case, impl, fn, inputs, grad_out, bytes_by_mode, flops_by_mode, de
         ms = median_ms(call, device)
         gbps = bytes_by_mode[mode] / (ms * 1e-3) / 1e9
         tflops = flops_by_mode[mode] / (ms * 1e-3) / 1e12
-        rows.append(OpMeasurement(op, case, impl, mode, ms, bytes_by_mode[mode], gbps, 100 * gbps / copy_gbps,
-                                  peak_extra_mib(call, device), tflops, 100 * tflops / MATMUL_CEILING_TFLOPS))
+        rows.append(
+            OpMeasurement(
+                op,
+                case,
+                impl,
+                mode,
+                ms,
+                bytes_by_mode[mode],
+                gbps,
+                100 * gbps / copy_gbps,
+                peak_extra_mib(call, device),
+                tflops,
+                100 * tflops / MATMUL_CEILING_TFLOPS,
+            )
+        )
     return rows
 
 
@@ -129,15 +142,35 @@ def run(device: torch.device, copy_gbps: float, impls: Optional[Sequence[str]] =
     case = f"xattn {dname} T{T}-D{D}-H{H}-R{R}"
     grad_y = torch.randn(T, D, device=device, dtype=dtype)
     for name, fn in attn.items():
-        rows += _time("latent_cross_attention", case, name, fn, attn_in, grad_y,
-                      {"fwd": io, "fwd+bwd": 3 * io}, {"fwd": flops, "fwd+bwd": 3 * flops}, device, copy_gbps)
+        rows += _time(
+            "latent_cross_attention",
+            case,
+            name,
+            fn,
+            attn_in,
+            grad_y,
+            {"fwd": io, "fwd+bwd": 3 * io},
+            {"fwd": flops, "fwd+bwd": 3 * flops},
+            device,
+            copy_gbps,
+        )
     B = cu.shape[0] - 1
     io = T * 2 * Fw * elt + B * Fw * elt
     case = f"geglu_mean {dname} B{B}-T{T}-F{Fw}"
     grad_out = torch.randn(B, Fw, device=device, dtype=dtype)
     for name, fn in geglu.items():
-        rows += _time("geglu_segment_mean", case, name, fn, (a, cu), grad_out,
-                      {"fwd": io, "fwd+bwd": 2 * io + T * 2 * Fw * elt}, {"fwd": 0, "fwd+bwd": 0}, device, copy_gbps)
+        rows += _time(
+            "geglu_segment_mean",
+            case,
+            name,
+            fn,
+            (a, cu),
+            grad_out,
+            {"fwd": io, "fwd+bwd": 2 * io + T * 2 * Fw * elt},
+            {"fwd": 0, "fwd+bwd": 0},
+            device,
+            copy_gbps,
+        )
     return rows, skipped
 
 
@@ -153,8 +186,14 @@ def summarize(rows: list[Measurement]) -> str:
                 continue
             base = min(torch_rows, key=lambda r: r.median_ms)
             for k in kernels:
-                rate = f"{k.tflops:.0f} TFLOP/s ({k.pct_ceiling:.0f}% of ceiling)" if k.tflops else f"{k.pct_copy:.0f}% of copy"
+                rate = (
+                    f"{k.tflops:.0f} TFLOP/s ({k.pct_ceiling:.0f}% of ceiling)"
+                    if k.tflops
+                    else f"{k.pct_copy:.0f}% of copy"
+                )
                 verdict = "faster" if k.median_ms < base.median_ms else "SLOWER"
-                lines.append(f"{op} {mode}: {k.impl} {k.median_ms:.3f} ms, {rate}; best PyTorch "
-                             f"({base.impl}) {base.median_ms:.3f} ms -> {verdict}")
+                lines.append(
+                    f"{op} {mode}: {k.impl} {k.median_ms:.3f} ms, {rate}; best PyTorch "
+                    f"({base.impl}) {base.median_ms:.3f} ms -> {verdict}"
+                )
     return "\n".join(lines) or "no kernel backend ran on this device (PyTorch rows only)"

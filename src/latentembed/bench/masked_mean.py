@@ -45,9 +45,7 @@ def _implementations(device: torch.device, dtype: torch.dtype, impls: Optional[S
             skipped[backend] = reason
             continue
         # validate=False: the timed call must not include the host sync of the value checks.
-        chosen[backend] = lambda h, m, cu, b=backend: masked_mean_pool(
-            h, m, cu_seqlens=cu, backend=b, validate=False
-        )
+        chosen[backend] = lambda h, m, cu, b=backend: masked_mean_pool(h, m, cu_seqlens=cu, backend=b, validate=False)
         if backend == "reference":
             chosen["reference+compile"] = torch.compile(masked_mean_pool_ref, dynamic=False)
             # Timing the backward alone replays it (retain_graph), which compiled backwards
@@ -78,22 +76,27 @@ def run(device: torch.device, copy_gbps: float, impls: Optional[Sequence[str]] =
         for name, fn in chosen.items():
             out = fn(x, m, c)  # warm-up, compiles
             torch.autograd.grad(out, x, grad_out)
-
-            def fwd():
-                with torch.no_grad():
-                    return fn(x, m, c)
-
-            graph_out = fn(x, m, c)
-
-            def bwd():
-                return torch.autograd.grad(graph_out, x, grad_out, retain_graph=True)
-
-            def fwd_bwd():
-                return torch.autograd.grad(fn(x, m, c), x, grad_out)
-
-            for mode, call in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)):
+            for mode, call in _mode_calls(fn, x, m, c, grad_out).items():
                 rows.append(measure(OP, case, name, mode, call, io_bytes[mode], device, copy_gbps))
     return rows, skipped
+
+
+def _mode_calls(fn, x, m, c, grad_out) -> dict:
+    """The timed calls of one implementation: forward, backward of one kept graph, both."""
+
+    def fwd():
+        with torch.no_grad():
+            return fn(x, m, c)
+
+    graph_out = fn(x, m, c)
+
+    def bwd():
+        return torch.autograd.grad(graph_out, x, grad_out, retain_graph=True)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fn(x, m, c), x, grad_out)
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
 
 
 TARGETS_MS = {"fwd": 0.10, "fwd+bwd": 0.22}
@@ -108,10 +111,16 @@ def summarize(rows: list[Measurement]) -> str:
     for mode, target in TARGETS_MS.items():
         best = min((r for r in kernels if r.mode == mode and r.case.startswith("padded")), key=lambda r: r.median_ms)
         verdict = "met" if best.median_ms <= target else "MISSED"
-        lines.append(f"target padded {mode} <= {target} ms: {best.impl} {best.median_ms:.4f} ms ({best.pct_copy:.0f}% of copy) -> {verdict}")
+        lines.append(
+            f"target padded {mode} <= {target} ms: {best.impl} {best.median_ms:.4f} ms "
+            f"({best.pct_copy:.0f}% of copy) -> {verdict}"
+        )
     for impl in sorted({r.impl for r in kernels}):
         t = {r.case.split()[0]: r.median_ms for r in kernels if r.impl == impl and r.mode == "fwd+bwd"}
         if {"padded", "packed"} <= t.keys():
             verdict = "met" if t["packed"] <= t["padded"] else "MISSED"
-            lines.append(f"target packed <= padded per real token (same tokens), {impl} fwd+bwd: {t['packed']:.4f} vs {t['padded']:.4f} ms -> {verdict}")
+            lines.append(
+                f"target packed <= padded per real token (same tokens), {impl} fwd+bwd: "
+                f"{t['packed']:.4f} vs {t['padded']:.4f} ms -> {verdict}"
+            )
     return "\n".join(lines)

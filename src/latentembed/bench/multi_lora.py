@@ -113,6 +113,7 @@ def _implementations(device, s, weights, lora_a, lora_b, scaling, tasks, wanted=
         def call(x):
             with lora_routing(ours, task_list):
                 return ours(x)
+
         return call
 
     def loop_gather(x):
@@ -202,16 +203,19 @@ def run(device: torch.device, copy_gbps: float, impls: Optional[Sequence[str]] =
     rows: list[Measurement] = []
     xg = x.detach().requires_grad_()
     grad_out = torch.randn_like(x)
-    for name, (fn, modes, lora, param_groups) in chosen.items():
+    for name, (fn, modes, _lora, param_groups) in chosen.items():
         params = [xg] + [p for group in param_groups for p in group]
         for mode in modes:
             if mode == "fwd":
+
                 def call(fn=fn):
                     with torch.no_grad():
                         return fn(x)
             else:
+
                 def call(fn=fn, params=params):
                     return torch.autograd.grad(fn(xg), params, grad_out)
+
             call()  # warm-up (Triton autotuning, lazy imports)
             # Bytes: every layer reads its input and weight and writes its output (x2 backward).
             moved = s["layers"] * (2 * n * d + d * d) * elt * (2 if mode == "fwd+bwd" else 1)
@@ -240,8 +244,10 @@ def summarize(rows: list[Measurement]) -> str:
     lines = []
     for r in rows:
         tflops = _flops(_parse_case(r.case), r.mode, r.impl != "base") / (r.median_ms * 1e-3) / 1e12
-        lines.append(f"{r.impl:<16} {r.mode:<8} {r.median_ms:8.3f} ms  {tflops:8.3f} TFLOP/s "
-                     f"({100 * tflops / MATMUL_CEILING_TFLOPS:4.1f}% of {MATMUL_CEILING_TFLOPS:.0f} bf16 matmul)")
+        lines.append(
+            f"{r.impl:<16} {r.mode:<8} {r.median_ms:8.3f} ms  {tflops:8.3f} TFLOP/s "
+            f"({100 * tflops / MATMUL_CEILING_TFLOPS:4.1f}% of {MATMUL_CEILING_TFLOPS:.0f} bf16 matmul)"
+        )
 
     def verdict(name, num, den, limit, how):
         if num is None or den is None:
@@ -252,15 +258,38 @@ def summarize(rows: list[Measurement]) -> str:
         bound = f"{limit}x" if how == "ratio" else f"{100 * limit:.0f}%"
         return f"target {name} <= {bound}: {num:.3f} vs {den:.3f} ms = {shown} -> {ok}"
 
-    lines.append(verdict("mixed fwd / single-adapter fwd", _ms(rows, "ours-mixed", "fwd"),
-                         _ms(rows, "single-unfused", "fwd"), TARGETS["mixed_fwd"], "ratio"))
-    lines.append(verdict("mixed fwd+bwd / single-adapter fwd+bwd", _ms(rows, "ours-mixed", "fwd+bwd"),
-                         _ms(rows, "single-unfused", "fwd+bwd"), TARGETS["mixed_fwd_bwd"], "ratio"))
-    lines.append(verdict("single-adapter fwd overhead over base (ours-single)", _ms(rows, "ours-single", "fwd"),
-                         _ms(rows, "base", "fwd"), TARGETS["single_overhead"], "overhead"))
+    lines.append(
+        verdict(
+            "mixed fwd / single-adapter fwd",
+            _ms(rows, "ours-mixed", "fwd"),
+            _ms(rows, "single-unfused", "fwd"),
+            TARGETS["mixed_fwd"],
+            "ratio",
+        )
+    )
+    lines.append(
+        verdict(
+            "mixed fwd+bwd / single-adapter fwd+bwd",
+            _ms(rows, "ours-mixed", "fwd+bwd"),
+            _ms(rows, "single-unfused", "fwd+bwd"),
+            TARGETS["mixed_fwd_bwd"],
+            "ratio",
+        )
+    )
+    lines.append(
+        verdict(
+            "single-adapter fwd overhead over base (ours-single)",
+            _ms(rows, "ours-single", "fwd"),
+            _ms(rows, "base", "fwd"),
+            TARGETS["single_overhead"],
+            "overhead",
+        )
+    )
     if _agreement:
-        lines.append("forward agreement (relative error vs ours; base must differ): "
-                     + ", ".join(f"{k} {v:.1e}" for k, v in _agreement.items()))
+        lines.append(
+            "forward agreement (relative error vs ours; base must differ): "
+            + ", ".join(f"{k} {v:.1e}" for k, v in _agreement.items())
+        )
     for mode in ("fwd", "fwd+bwd"):
         mixed, single = _ms(rows, "ours-mixed", mode), _ms(rows, "ours-single", mode)
         if mixed and single:

@@ -20,7 +20,9 @@ def _k_list(text: str) -> tuple[int, ...]:
     try:
         ks = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 1,5,10,100, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive ints like 1,5,10,100, got {text!r}"
+        ) from None
     if not ks or any(k < 1 for k in ks):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 1,5,10,100, got {text!r}")
     return tuple(sorted(set(ks)))
@@ -33,19 +35,28 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Metrics average over the queries with a relevant document (grade > 0) in the qrels; "
         "scores are dot products of the model's (by default L2-normalised) embeddings.",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="local model directory (EmbeddingModel.from_pretrained)")
+    p.add_argument(
+        "--model", required=True, metavar="DIR", help="local model directory (EmbeddingModel.from_pretrained)"
+    )
     p.add_argument("--corpus", required=True, metavar="FILE", help='JSONL rows {"_id", "title"?, "text"}')
     p.add_argument("--queries", required=True, metavar="FILE", help='JSONL rows {"_id", "text"}')
-    p.add_argument("--qrels", required=True, metavar="FILE",
-                   help='JSONL rows {"query-id", "corpus-id", "score"} or TSV with header query-id/corpus-id/score')
-    p.add_argument("--pooling", help="pooling of a plain decoder checkpoint (mean, last, ...); saved models know theirs")
+    p.add_argument(
+        "--qrels",
+        required=True,
+        metavar="FILE",
+        help='JSONL rows {"query-id", "corpus-id", "score"} or TSV with header query-id/corpus-id/score',
+    )
+    p.add_argument(
+        "--pooling", help="pooling of a plain decoder checkpoint (mean, last, ...); saved models know theirs"
+    )
     p.add_argument("--task", help="query-side task of the model's prompt template (prompt and adapter)")
     p.add_argument("--instruction", help="explicit query instruction (formatted by the template)")
     p.add_argument("--doc-task", help="document-side task (default: none; documents get no prompt)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward (default 32)")
     p.add_argument("--max-length", type=positive_int, help="truncate texts to this many tokens")
-    p.add_argument("--k", type=_k_list, default=(1, 5, 10, 100), metavar="K,K,...",
-                   help="cut-offs (default 1,5,10,100)")
+    p.add_argument(
+        "--k", type=_k_list, default=(1, 5, 10, 100), metavar="K,K,...", help="cut-offs (default 1,5,10,100)"
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, help="model weights' dtype (default: the checkpoint's / loader's)")
     p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
@@ -93,8 +104,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the eval command; returns the exit code (0 ok, 1 bad files / model / data, 2 usage)."""
     args = build_parser().parse_args(argv)
 
-    for flag, path, is_dir in (("--model", args.model, True), ("--corpus", args.corpus, False),
-                               ("--queries", args.queries, False), ("--qrels", args.qrels, False)):
+    for flag, path, is_dir in (
+        ("--model", args.model, True),
+        ("--corpus", args.corpus, False),
+        ("--queries", args.queries, False),
+        ("--qrels", args.qrels, False),
+    ):
         if not (os.path.isdir(path) if is_dir else os.path.isfile(path)):
             kind = "directory" if is_dir else "file"
             return _fail(f"{flag}: no such {kind}: {path}")
@@ -142,17 +157,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         query_kwargs["max_length"] = doc_kwargs["max_length"] = args.max_length
 
     try:
-        result = evaluate_retrieval(model, corpus, queries, qrels, k_values=args.k, query_kwargs=query_kwargs,
-                                    doc_kwargs=doc_kwargs, batch_size=args.batch_size)
+        result = evaluate_retrieval(
+            model,
+            corpus,
+            queries,
+            qrels,
+            k_values=args.k,
+            query_kwargs=query_kwargs,
+            doc_kwargs=doc_kwargs,
+            batch_size=args.batch_size,
+        )
     except (ValueError, TypeError) as e:  # unknown task, max_length too small for the prompt, empty qrels, ...
         return _fail(str(e))
 
     print(format_table(result, args.k))
     if args.json:
         payload = {
-            "model": args.model, "corpus": args.corpus, "queries": args.queries, "qrels": args.qrels,
-            "pooling": args.pooling, "task": args.task, "instruction": args.instruction, "doc_task": args.doc_task,
-            "max_length": args.max_length, "device": device, "dtype": args.dtype, "k_values": list(args.k),
+            "model": args.model,
+            "corpus": args.corpus,
+            "queries": args.queries,
+            "qrels": args.qrels,
+            "pooling": args.pooling,
+            "task": args.task,
+            "instruction": args.instruction,
+            "doc_task": args.doc_task,
+            "max_length": args.max_length,
+            "device": device,
+            "dtype": args.dtype,
+            "k_values": list(args.k),
             "metrics": {key: value for key, value in result.items() if "@" in key},
             **{key: value for key, value in result.items() if "@" not in key},
         }

@@ -158,7 +158,7 @@ def _qrels_rows(path: PathLike) -> Iterator[tuple[str, str, str, object]]:
             header_seen = True
             continue
         if len(fields) != 3:
-            missing = ["query-id", "corpus-id", "score"][len(fields):] if len(fields) < 3 else []
+            missing = ["query-id", "corpus-id", "score"][len(fields) :] if len(fields) < 3 else []
             what = f"missing field {missing[0]!r}" if missing else f"{len(fields)} tab-separated fields"
             raise DatasetFormatError(f"{where}: expected 3 tab-separated fields, got {what}")
         for field, value in zip(("query-id", "corpus-id"), fields):
@@ -198,9 +198,7 @@ def load_qrels(
     return qrels
 
 
-def check_qrels(
-    qrels: dict[str, dict[str, int]], queries: Collection[str], corpus: Collection[str]
-) -> None:
+def check_qrels(qrels: dict[str, dict[str, int]], queries: Collection[str], corpus: Collection[str]) -> None:
     """Raise ValueError if ``qrels`` names a query not in ``queries`` or a doc not in ``corpus``."""
     for qid, grades in qrels.items():
         if qid not in queries:

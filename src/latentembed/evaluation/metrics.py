@@ -60,9 +60,7 @@ def _ranked_ids(query_id: str, ranking: Ranking) -> list[str]:
     if items and isinstance(items[0], (tuple, list)):
         for item in items:
             if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise ValueError(
-                    f"results[{query_id!r}]: expected (doc_id, score) pairs throughout, got {item!r}"
-                )
+                raise ValueError(f"results[{query_id!r}]: expected (doc_id, score) pairs throughout, got {item!r}")
         if any(math.isnan(float(s)) for _, s in items):
             raise ValueError(f"results[{query_id!r}]: a score is NaN")
         # Python's sort is stable; sorting on -score keeps given order among equal scores.
@@ -157,12 +155,6 @@ def retrieval_metrics(
     ks = check_k_values(k_values)
     per_query = per_query_metrics(results, qrels, ks)
     if not per_query:
-        raise ValueError(
-            f"qrels: no query has a relevant document (grade > 0) among its {len(qrels)} queries"
-        )
+        raise ValueError(f"qrels: no query has a relevant document (grade > 0) among its {len(qrels)} queries")
     n = len(per_query)
-    return {
-        f"{name}@{k}": sum(m[f"{name}@{k}"] for m in per_query.values()) / n
-        for name in METRIC_NAMES
-        for k in ks
-    }
+    return {f"{name}@{k}": sum(m[f"{name}@{k}"] for m in per_query.values()) / n for name in METRIC_NAMES for k in ks}

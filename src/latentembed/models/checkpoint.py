@@ -46,9 +46,16 @@ KNOWN_PREFIXES = ("", "model.", "embedding_model.")
 _EMBED_KEY = "embed_tokens.weight"
 #: What a checkpoint directory holds (HF and latentembed files): a save replaces such entries and
 #: refuses a directory with others (a README, code, a user's files) instead of deleting them.
-CHECKPOINT_ENTRIES = ("config.json", "generation_config.json", "latentembed.json", "*.safetensors",
-                      "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json",
-                      *TOKENIZER_FILES)
+CHECKPOINT_ENTRIES = (
+    "config.json",
+    "generation_config.json",
+    "latentembed.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model.bin.index.json",
+    *TOKENIZER_FILES,
+)
 
 
 class CheckpointError(ValueError):
@@ -75,8 +82,10 @@ def checkpoint_files(path: Union[str, Path]) -> dict[str, Path]:
     if index.is_file() and single.is_file():
         # Left by saves of an older latentembed (or a hand-made mix): one of them is stale, and
         # picking either silently could load the wrong weights.
-        raise CheckpointError(f"{path} holds both {SINGLE_FILE} and {INDEX_FILE}; which one is current "
-                              "cannot be told: remove the stale one")
+        raise CheckpointError(
+            f"{path} holds both {SINGLE_FILE} and {INDEX_FILE}; which one is current "
+            "cannot be told: remove the stale one"
+        )
     if index.is_file():
         try:
             weight_map = read_json(index)["weight_map"]
@@ -122,10 +131,16 @@ def misfit(expected: dict, found: dict, stored_name=None) -> list[str]:
     stored = stored_name or (lambda k: k)
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(stored(k) for k in set(found) - set(expected))
-    misshaped = sorted(f"{stored(k)}: checkpoint {found[k]}, model {expected[k]}"
-                       for k in set(found) & set(expected) if found[k] != expected[k])
-    return [f"  {len(items)} {label}: " + "; ".join(items)
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if items]
+    misshaped = sorted(
+        f"{stored(k)}: checkpoint {found[k]}, model {expected[k]}"
+        for k in set(found) & set(expected)
+        if found[k] != expected[k]
+    )
+    return [
+        f"  {len(items)} {label}: " + "; ".join(items)
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+        if items
+    ]
 
 
 def load_state_dict(
@@ -150,7 +165,7 @@ def load_state_dict(
     prefix = detect_prefix(files) if prefix is None else prefix
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     skipped = [k for k in files if _skipped(k, prefix)]
-    found = {k[len(prefix):]: k for k in files if not _skipped(k, prefix)}
+    found = {k[len(prefix) :]: k for k in files if not _skipped(k, prefix)}
     wanted = set(found.values())
     shapes = {}
     for file in sorted(set(files.values())):
@@ -160,8 +175,11 @@ def load_state_dict(
                     shapes[key] = tuple(f.get_slice(key).get_shape())
     problems = misfit(expected, {k: shapes[key] for k, key in found.items()}, found.get)
     if strict and problems:
-        raise CheckpointError("\n".join(
-            [f"checkpoint {path} (prefix {prefix!r}) does not fit the {model.config.model_type} model:", *problems]))
+        raise CheckpointError(
+            "\n".join(
+                [f"checkpoint {path} (prefix {prefix!r}) does not fit the {model.config.model_type} model:", *problems]
+            )
+        )
     if device is None:
         param = next(model.parameters())
         device = torch.device("cpu") if param.device.type == "meta" else param.device
@@ -179,7 +197,9 @@ def load_state_dict(
     model.reset_buffers(torch.device(device))
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:
-        raise CheckpointError(f"checkpoint {path} lacks {len(left)} tensors of a model built on meta: " + "; ".join(left))
+        raise CheckpointError(
+            f"checkpoint {path} lacks {len(left)} tensors of a model built on meta: " + "; ".join(left)
+        )
     sharded = (Path(path) / INDEX_FILE).is_file()
     # Keep the largest shard's size so that saving splits the same way.
     shard_bytes = max(f.stat().st_size for f in set(files.values())) if sharded else None

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..modules.adapter_routing import checkpoint_context_fn, sequence_layout
 from ..modules.attention import (
     PACKED_ONLY,
     AttentionInputs,
@@ -24,7 +25,6 @@ from ..modules.attention import (
     packed_backend_available,
     select_attention_backend,
 )
-from ..modules.adapter_routing import checkpoint_context_fn, sequence_layout
 from ..modules.mlp import SwiGLUMLP
 from ..modules.norms import RMSNorm
 from ..modules.rotary import RotaryEmbedding, packed_positions, padded_positions
@@ -58,7 +58,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = SwiGLUMLP(c.hidden_size, c.intermediate_size, c.mlp_bias)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inputs: AttentionInputs
+    ) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, inputs)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 

@@ -24,18 +24,42 @@ _INT, _NUMBER, _BOOL = "an integer", "a number", "a boolean"
 # hide it. In config.json any field may be null or absent (the required sizes are reported as
 # missing); in DecoderConfig only the _NULLABLE ones may be None.
 _CONFIG_TYPES = {
-    "vocab_size": _INT, "hidden_size": _INT, "intermediate_size": _INT, "num_hidden_layers": _INT,
-    "num_attention_heads": _INT, "num_key_value_heads": _INT, "head_dim": _INT,
-    "max_position_embeddings": _INT, "sliding_window": _INT, "pad_token_id": _INT,
-    "rms_norm_eps": _NUMBER, "rope_theta": _NUMBER,
-    "qkv_bias": _BOOL, "o_bias": _BOOL, "mlp_bias": _BOOL, "tie_word_embeddings": _BOOL,
-    "attention_bias": _BOOL, "use_sliding_window": _BOOL,
+    "vocab_size": _INT,
+    "hidden_size": _INT,
+    "intermediate_size": _INT,
+    "num_hidden_layers": _INT,
+    "num_attention_heads": _INT,
+    "num_key_value_heads": _INT,
+    "head_dim": _INT,
+    "max_position_embeddings": _INT,
+    "sliding_window": _INT,
+    "pad_token_id": _INT,
+    "rms_norm_eps": _NUMBER,
+    "rope_theta": _NUMBER,
+    "qkv_bias": _BOOL,
+    "o_bias": _BOOL,
+    "mlp_bias": _BOOL,
+    "tie_word_embeddings": _BOOL,
+    "attention_bias": _BOOL,
+    "use_sliding_window": _BOOL,
 }
-_ROPE_TYPES = {"rope_theta": _NUMBER, "factor": _NUMBER, "low_freq_factor": _NUMBER,
-               "high_freq_factor": _NUMBER, "original_max_position_embeddings": _INT}
+_ROPE_TYPES = {
+    "rope_theta": _NUMBER,
+    "factor": _NUMBER,
+    "low_freq_factor": _NUMBER,
+    "high_freq_factor": _NUMBER,
+    "original_max_position_embeddings": _INT,
+}
 _NULLABLE = frozenset({"num_key_value_heads", "head_dim", "sliding_window", "pad_token_id"})
-_POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-             "head_dim", "max_position_embeddings")
+_POSITIVE = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
 
 
 def _check_kind(field: str, value: object, kind: str, nullable: bool = True) -> None:
@@ -130,9 +154,7 @@ class DecoderConfig:
         if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
             raise ValueError(f"rms_norm_eps and rope_theta must be > 0, got {self.rms_norm_eps} and {self.rope_theta}")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"model_type must be one of {SUPPORTED_MODEL_TYPES}, got {self.model_type!r}"
-            )
+            raise ValueError(f"model_type must be one of {SUPPORTED_MODEL_TYPES}, got {self.model_type!r}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -153,9 +175,7 @@ class DecoderConfig:
             raise ValueError(f"hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"rope_scaling rope_type must be one of {SUPPORTED_ROPE_TYPES}, got {rope_type!r}"
-            )
+            raise ValueError(f"rope_scaling rope_type must be one of {SUPPORTED_ROPE_TYPES}, got {rope_type!r}")
         if rope_type == "default":
             self.rope_scaling = None
         else:
@@ -167,7 +187,7 @@ class DecoderConfig:
             self.rope_scaling.setdefault("original_max_position_embeddings", self.max_position_embeddings)
 
     @classmethod
-    def from_hf_config(cls, source: Union[str, Path, dict]) -> "DecoderConfig":
+    def from_hf_config(cls, source: Union[str, Path, dict]) -> DecoderConfig:
         """Build from a HF ``config.json``: a directory holding one, the file, or its dict.
 
         Errors (invalid JSON, a field of the wrong type, a bad value) name the file (or
@@ -188,8 +208,9 @@ class DecoderConfig:
             try:
                 hf = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} "
-                                 f"(char {e.pos})") from e
+                raise ValueError(
+                    f"{where} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (char {e.pos})"
+                ) from e
             if not isinstance(hf, dict):
                 raise ValueError(f"{where} must hold a JSON object (a dict of fields), got {type(hf).__name__}")
         try:
@@ -198,7 +219,7 @@ class DecoderConfig:
             raise type(e)(f"{where}: {e}") from e
 
     @classmethod
-    def _from_hf_dict(cls, hf: dict) -> "DecoderConfig":
+    def _from_hf_dict(cls, hf: dict) -> DecoderConfig:
         prefix = ""
         model_type = MODEL_TYPE_ALIASES.get(hf.get("model_type"), hf.get("model_type"))
         text = hf.get("text_config")
@@ -207,9 +228,7 @@ class DecoderConfig:
             hf, prefix = dict(text), "text_config."
             model_type = MODEL_TYPE_ALIASES.get(hf.get("model_type"), hf.get("model_type"))
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"config model_type must be one of {SUPPORTED_MODEL_TYPES}, got {model_type!r}"
-            )
+            raise ValueError(f"config model_type must be one of {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in required if hf.get(k) is None]
         if missing:

@@ -75,8 +75,13 @@ class EmbeddingModel(nn.Module):
         torch.Size([3, 64])
     """
 
-    def __init__(self, decoder_config: DecoderConfig, config: Optional[EmbeddingConfig] = None,
-                 tokenizer=None, attn_backend: str = "auto") -> None:
+    def __init__(
+        self,
+        decoder_config: DecoderConfig,
+        config: Optional[EmbeddingConfig] = None,
+        tokenizer=None,
+        attn_backend: str = "auto",
+    ) -> None:
         super().__init__()
         config = EmbeddingConfig() if config is None else config
         self.config = config
@@ -108,8 +113,12 @@ class EmbeddingModel(nn.Module):
     def tokenizer(self, tokenizer) -> None:
         tokenizer = as_tokenizer(tokenizer)
         if tokenizer is not None:
-            check_tokenizer_fits(tokenizer, self.backbone.config.vocab_size, source="tokenizer",
-                                 table="the backbone's embedding table (DecoderConfig.vocab_size)")
+            check_tokenizer_fits(
+                tokenizer,
+                self.backbone.config.vocab_size,
+                source="tokenizer",
+                table="the backbone's embedding table (DecoderConfig.vocab_size)",
+            )
         self.__dict__["_tokenizer"] = tokenizer
 
     # -- adapters ---------------------------------------------------------------------------
@@ -118,12 +127,28 @@ class EmbeddingModel(nn.Module):
         # multi-adapter model runs the base weights unless told which adapter.
         default = lora.adapters[0] if len(lora.adapters) == 1 else "base"
         self.routing = apply_multi_lora(
-            self.backbone, lora.target_modules, lora.adapters, rank=lora.rank, alpha=lora.alpha,
-            r_max=lora.r_max, dropout=lora.dropout, use_rslora=lora.use_rslora, default_adapter=default)
+            self.backbone,
+            lora.target_modules,
+            lora.adapters,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            r_max=lora.r_max,
+            dropout=lora.dropout,
+            use_rslora=lora.use_rslora,
+            default_adapter=default,
+        )
 
-    def add_adapters(self, names: Sequence[str], *, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
-                     target_modules: Sequence[str] = LoRAConfig().target_modules, r_max: Optional[int] = None,
-                     use_rslora: bool = False) -> LoRARouting:
+    def add_adapters(
+        self,
+        names: Sequence[str],
+        *,
+        rank: int = 16,
+        alpha: float = 32.0,
+        dropout: float = 0.0,
+        target_modules: Sequence[str] = LoRAConfig().target_modules,
+        r_max: Optional[int] = None,
+        use_rslora: bool = False,
+    ) -> LoRARouting:
         """Add LoRA adapters ``names`` (fresh: B = 0, so the model is unchanged until trained) to
         every backbone linear named in ``target_modules``; freezes the wrapped base weights.
         Once per model. Returns the routing shared by the adapter layers.
@@ -133,8 +158,15 @@ class EmbeddingModel(nn.Module):
         """
         if self.config.lora is not None:
             raise ValueError(f"the model already has adapters {self.config.lora.adapters}; add them all at once")
-        lora = LoRAConfig(adapters=list(names), rank=rank, alpha=alpha, r_max=r_max, dropout=dropout,
-                          use_rslora=use_rslora, target_modules=list(target_modules))
+        lora = LoRAConfig(
+            adapters=list(names),
+            rank=rank,
+            alpha=alpha,
+            r_max=r_max,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            target_modules=list(target_modules),
+        )
         self.config = dataclasses.replace(self.config, lora=lora)  # validates the names
         self._apply_lora(lora)
         return self.routing
@@ -158,8 +190,10 @@ class EmbeddingModel(nn.Module):
             return resolved.prefix, None
         if resolved.adapter is not None:
             if resolved.adapter not in names:
-                raise ValueError(f"task {task!r} maps to adapter {resolved.adapter!r}, which the model lacks; "
-                                 f"adapters: {list(names)}")
+                raise ValueError(
+                    f"task {task!r} maps to adapter {resolved.adapter!r}, which the model lacks; "
+                    f"adapters: {list(names)}"
+                )
             return resolved.prefix, resolved.adapter
         if task in names:
             return resolved.prefix, task
@@ -208,7 +242,9 @@ class EmbeddingModel(nn.Module):
             check_pool_mask(pool_mask, hidden_like, packed=cu_seqlens is not None)
         routed = lora_routing(self.backbone, tasks) if tasks is not None else contextlib.nullcontext()
         with routed:
-            hidden = self.backbone(input_ids, attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).last_hidden_state
+            hidden = self.backbone(
+                input_ids, attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
+            ).last_hidden_state
         keep = pool_mask
         if cu_seqlens is None and attention_mask is not None:
             keep = attention_mask.bool() if pool_mask is None else attention_mask.bool() & (pool_mask != 0)
@@ -221,21 +257,30 @@ class EmbeddingModel(nn.Module):
     # -- texts ------------------------------------------------------------------------------
     def _require_tokenizer(self) -> TextTokenizer:
         if self.tokenizer is None:
-            raise ValueError("the model has no tokenizer: pass tokenizer= to from_pretrained (a directory "
-                             "with tokenizer.json) or set model.tokenizer = TextTokenizer.from_pretrained(path)")
+            raise ValueError(
+                "the model has no tokenizer: pass tokenizer= to from_pretrained (a directory "
+                "with tokenizer.json) or set model.tokenizer = TextTokenizer.from_pretrained(path)"
+            )
         return self.tokenizer
 
-    def tokenize_texts(self, texts: Sequence[str], *, task: Optional[str] = None, instruction=None,
-                       max_length: Optional[int] = None) -> TokenizedTexts:
+    def tokenize_texts(
+        self, texts: Sequence[str], *, task: Optional[str] = None, instruction=None, max_length: Optional[int] = None
+    ) -> TokenizedTexts:
         """Token ids and pool masks of ``texts`` with the prompt of ``task`` / ``instruction``."""
         tokenizer = self._require_tokenizer()
         prefix, _ = self.resolve(task, instruction)
         return tokenize_with_prompts(
-            tokenizer, texts, prefix, max_length=self.config.max_length if max_length is None else max_length,
-            add_eos=self.config.add_eos, mask_instruction=self.config.mask_instruction)
+            tokenizer,
+            texts,
+            prefix,
+            max_length=self.config.max_length if max_length is None else max_length,
+            add_eos=self.config.add_eos,
+            mask_instruction=self.config.mask_instruction,
+        )
 
-    def tokenize(self, texts: Sequence[str], *, task: Optional[str] = None, instruction=None,
-                 max_length: Optional[int] = None) -> tuple[PackedBatch, Optional[str], TokenizedTexts]:
+    def tokenize(
+        self, texts: Sequence[str], *, task: Optional[str] = None, instruction=None, max_length: Optional[int] = None
+    ) -> tuple[PackedBatch, Optional[str], TokenizedTexts]:
         """One packed batch of ``texts``: (batch, adapter name or None, the tokenization)."""
         tokenized = self.tokenize_texts(texts, task=task, instruction=instruction, max_length=max_length)
         return pack_sequences(tokenized.input_ids, tokenized.pool_mask), self.resolve(task)[1], tokenized
@@ -248,18 +293,30 @@ class EmbeddingModel(nn.Module):
         then limited by the length-sorted batching of :meth:`encode`."""
         if packed is None:
             param = next(self.backbone.parameters())
-            dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
+            dtype = (
+                torch.get_autocast_dtype(param.device.type)
+                if torch.is_autocast_enabled(param.device.type)
                 else param.dtype
+            )
             packed = packed_backend_available(param.device, dtype) is not None
         if packed:
-            return (batch.input_ids,), dict(pool_mask=batch.pool_mask, cu_seqlens=batch.cu_seqlens,
-                                            max_seqlen=batch.max_seqlen)
-        pad = self.tokenizer.pad_token_id if self.tokenizer is not None and self.tokenizer.pad_token_id is not None else 0
+            return (batch.input_ids,), dict(
+                pool_mask=batch.pool_mask, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen
+            )
+        pad = (
+            self.tokenizer.pad_token_id if self.tokenizer is not None and self.tokenizer.pad_token_id is not None else 0
+        )
         ids, mask, pool_mask = batch.padded(pad)
         return (ids, mask), dict(pool_mask=pool_mask)
 
-    def embed_batch(self, batch: PackedBatch, adapter: Optional[str] = None, *, packed: Optional[bool] = None,
-                    normalize: Optional[bool] = None) -> torch.Tensor:
+    def embed_batch(
+        self,
+        batch: PackedBatch,
+        adapter: Optional[str] = None,
+        *,
+        packed: Optional[bool] = None,
+        normalize: Optional[bool] = None,
+    ) -> torch.Tensor:
         """Forward one :class:`PackedBatch` (on the model's device), every text with ``adapter``
         (``None``: the model's default); ``packed`` as in :meth:`batch_inputs`."""
         args, kwargs = self.batch_inputs(batch, packed=packed)
@@ -310,21 +367,40 @@ class EmbeddingModel(nn.Module):
         # encode switches the module to eval mode and back: shared state, so concurrent calls
         # on one model take turns (the LoRA routing is per thread already, see adapter_routing).
         with _encode_lock(self):
-            out = self._encode(texts, task=task, instruction=instruction, batch_size=batch_size,
-                               max_length=max_length, normalize=normalize, show_progress=show_progress)
+            out = self._encode(
+                texts,
+                task=task,
+                instruction=instruction,
+                batch_size=batch_size,
+                max_length=max_length,
+                normalize=normalize,
+                show_progress=show_progress,
+            )
         if single:
             out = out[0]
         return out.cpu().numpy() if convert_to == "numpy" else out
 
-    def _encode(self, texts: list, *, task, instruction, batch_size: int, max_length: Optional[int],
-                normalize: Optional[bool], show_progress: Optional[bool]) -> torch.Tensor:
+    def _encode(
+        self,
+        texts: list,
+        *,
+        task,
+        instruction,
+        batch_size: int,
+        max_length: Optional[int],
+        normalize: Optional[bool],
+        show_progress: Optional[bool],
+    ) -> torch.Tensor:
         """encode's work for a list of texts -> [N, D] float32 on the model's device."""
         tokenized = self.tokenize_texts(texts, task=task, instruction=instruction, max_length=max_length)
         adapter = self.resolve(task)[1]
         if any(tokenized.truncated):
             n = sum(tokenized.truncated)
-            warnings.warn(f"{n} of {len(texts)} texts were longer than max_length="
-                          f"{self.config.max_length if max_length is None else max_length} tokens and were truncated", stacklevel=4)
+            warnings.warn(
+                f"{n} of {len(texts)} texts were longer than max_length="
+                f"{self.config.max_length if max_length is None else max_length} tokens and were truncated",
+                stacklevel=4,
+            )
         param = next(self.backbone.parameters())
         order = sorted(range(len(texts)), key=lambda i: -len(tokenized.input_ids[i]))
         out = torch.empty(len(texts), self.backbone.config.hidden_size, dtype=torch.float32, device=param.device)
@@ -335,9 +411,10 @@ class EmbeddingModel(nn.Module):
         self.eval()
         try:
             for start in range(0, len(order), batch_size):
-                index = order[start:start + batch_size]
-                batch = pack_sequences([tokenized.input_ids[i] for i in index],
-                                       [tokenized.pool_mask[i] for i in index]).to(param.device)
+                index = order[start : start + batch_size]
+                batch = pack_sequences(
+                    [tokenized.input_ids[i] for i in index], [tokenized.pool_mask[i] for i in index]
+                ).to(param.device)
                 embeddings = self.embed_batch(batch, adapter, normalize=normalize).float()
                 out[torch.tensor(index, device=param.device)] = embeddings
                 progress.update(len(index))
@@ -348,7 +425,7 @@ class EmbeddingModel(nn.Module):
 
     # -- checkpoints --------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: Union[str, Path], **kwargs) -> "EmbeddingModel":
+    def from_pretrained(cls, path: Union[str, Path], **kwargs) -> EmbeddingModel:
         """Load a local directory as an instance of ``cls``; arguments and formats:
         :func:`latentembed.models.embedding_io.load_embedding_model`."""
         return embedding_io.load_embedding_model(cls, path, **kwargs)
@@ -364,7 +441,7 @@ class EmbeddingModel(nn.Module):
 
 # One lock per model for encode, kept outside the module: a lock attribute would stop the model
 # from being deepcopied or pickled. Weak keys: a model's lock goes with the model.
-_ENCODE_LOCKS: "weakref.WeakKeyDictionary[EmbeddingModel, threading.RLock]" = weakref.WeakKeyDictionary()
+_ENCODE_LOCKS: weakref.WeakKeyDictionary[EmbeddingModel, threading.RLock] = weakref.WeakKeyDictionary()
 _ENCODE_LOCKS_GUARD = threading.Lock()
 
 

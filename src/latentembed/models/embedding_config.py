@@ -12,6 +12,7 @@ from typing import Optional, Union
 
 from ..modules.pooling import POOLING_MODES
 from ..tokenization import MASK_MODES
+
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -82,7 +83,7 @@ class EmbeddingConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EmbeddingConfig":
+    def from_dict(cls, data: dict) -> EmbeddingConfig:
         return cls(**_known("latentembed config", data, cls))
 
 

@@ -122,7 +122,9 @@ def load_embedding_model(
         raise FileNotFoundError(missing_directory_message(path, "model directory"))
     bad = sorted(set(overrides) - set(_OVERRIDABLE))
     if bad:
-        raise TypeError(f"from_pretrained got unexpected arguments {bad}; config fields it can override: {list(_OVERRIDABLE)}")
+        raise TypeError(
+            f"from_pretrained got unexpected arguments {bad}; config fields it can override: {list(_OVERRIDABLE)}"
+        )
     decoder_config = DecoderConfig.from_hf_config(path)
     # The tokenizer before the weights: a corrupt or too large one fails before any loading.
     if tokenizer is not None:
@@ -131,14 +133,24 @@ def load_embedding_model(
     elif (path / "tokenizer.json").is_file():
         tokenizer, source = TextTokenizer.from_pretrained(path), str(path / "tokenizer.json")
     if tokenizer is not None:
-        check_tokenizer_fits(tokenizer, decoder_config.vocab_size, source=source,
-                             table=f"the embedding table of {path} (vocab_size in its config.json)")
+        check_tokenizer_fits(
+            tokenizer,
+            decoder_config.vocab_size,
+            source=source,
+            table=f"the embedding table of {path} (vocab_size in its config.json)",
+        )
     own = path / EMBEDDING_CONFIG_NAME
     fmt = "own" if own.is_file() else "nvembed" if _is_nvembed(path) else "plain"
     if latent_attention is not None and fmt != "plain":
         raise ValueError(f"latent_attention= describes a new head for a plain decoder; {path} stores its own pooling")
-    target = _Target(model_class=model_class, decoder_config=decoder_config, dtype=dtype, device=device,
-                     attn_backend=attn_backend, overrides=overrides)
+    target = _Target(
+        model_class=model_class,
+        decoder_config=decoder_config,
+        dtype=dtype,
+        device=device,
+        attn_backend=attn_backend,
+        overrides=overrides,
+    )
     if fmt == "own":
         model = _load_own(path, own, pooling=pooling, target=target)
     elif fmt == "nvembed":
@@ -158,8 +170,11 @@ def _is_nvembed(path: Path) -> bool:
 
 def _check_pooling(pooling: Optional[str], stored: str, path: Path) -> None:
     if pooling is not None and pooling != stored:
-        raise ArgumentError("pooling", pooling, f"{path} holds a {stored!r}-pooling model; {{arg}} does not "
-                            "match (the weights depend on it)")
+        raise ArgumentError(
+            "pooling",
+            pooling,
+            f"{path} holds a {stored!r}-pooling model; {{arg}} does not match (the weights depend on it)",
+        )
 
 
 class _Target(NamedTuple):
@@ -184,15 +199,22 @@ def _load_own(path: Path, config_file: Path, *, pooling: Optional[str], target: 
     dtype, device, overrides = target.dtype, target.device, target.overrides
     saved = read_json(config_file)
     if saved.get("format") != "latentembed" or saved.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{config_file}: expected format 'latentembed' version {FORMAT_VERSION}, "
-                         f"got {saved.get('format')!r} version {saved.get('version')!r}")
+        raise ValueError(
+            f"{config_file}: expected format 'latentembed' version {FORMAT_VERSION}, "
+            f"got {saved.get('format')!r} version {saved.get('version')!r}"
+        )
     if not isinstance(saved.get("embedding"), dict):
-        got = "lacks the key 'embedding'" if "embedding" not in saved else \
-            f"has 'embedding' = {type(saved['embedding']).__name__}"
+        got = (
+            "lacks the key 'embedding'"
+            if "embedding" not in saved
+            else f"has 'embedding' = {type(saved['embedding']).__name__}"
+        )
         raise ValueError(f"{config_file} {got}; expected an object of EmbeddingConfig fields (pooling, ...)")
     if not isinstance(saved.get("extra_state", {}), dict):
-        raise ValueError(f"{config_file}: 'extra_state' must be an object (the LoRA layers' ranks and scalings), "
-                         f"got {type(saved['extra_state']).__name__}")
+        raise ValueError(
+            f"{config_file}: 'extra_state' must be an object (the LoRA layers' ranks and scalings), "
+            f"got {type(saved['extra_state']).__name__}"
+        )
     try:
         config = EmbeddingConfig.from_dict({**saved["embedding"], **overrides})
     except (TypeError, ValueError) as e:
@@ -205,12 +227,15 @@ def _load_own(path: Path, config_file: Path, *, pooling: Optional[str], target: 
         raise FileNotFoundError(f"{weights} not found")
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith(_EXTRA)}
     with safe_open(weights, framework="pt", device="cpu") as f:
-        problems = misfit({k: tuple(v.shape) for k, v in expected.items()},
-                          {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        problems = misfit(
+            {k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        )
         if problems:
             raise CheckpointError(f"{weights} does not fit its {EMBEDDING_CONFIG_NAME}:\n" + "\n".join(problems))
-        state = {k: f.get_tensor(k).to(device=device, dtype=dtype if expected[k].is_floating_point() else None)
-                 for k in expected}
+        state = {
+            k: f.get_tensor(k).to(device=device, dtype=dtype if expected[k].is_floating_point() else None)
+            for k in expected
+        }
     state.update(saved.get("extra_state", {}))
     model.load_state_dict(state, strict=True, assign=True)
     model.backbone.reset_buffers(torch.device(device))
@@ -222,7 +247,7 @@ def _load_nvembed(path: Path, *, pooling: Optional[str], target: _Target) -> nn.
     _check_pooling(pooling, "latent_attention", path)
     files = checkpoint_files(path)
     hf = read_json(path / "config.json")
-    head = {k[len(NVEMBED_PREFIX):]: k for k in files if k.startswith(NVEMBED_PREFIX)}
+    head = {k[len(NVEMBED_PREFIX) :]: k for k in files if k.startswith(NVEMBED_PREFIX)}
     if not head:
         raise CheckpointError(f"{path}: config.json has latent_attention_config but no {NVEMBED_PREFIX}* tensors")
     shapes = {}
@@ -240,16 +265,28 @@ def _load_nvembed(path: Path, *, pooling: Optional[str], target: _Target) -> nn.
     heads = int(lat_cfg.get("num_cross_heads", 8))
     if inner % heads:
         raise CheckpointError(f"{path}: to_q width {inner} is not a multiple of num_cross_heads {heads}")
-    latent = {"num_latents": num_latents, "num_heads": heads, "dim_head": inner // heads,
-              "ff_mult": ff_width // (2 * decoder_config.hidden_size), "latent_dim": latent_dim}
-    config = EmbeddingConfig(**{
-        "pooling": "latent_attention", "latent_attention": latent,
-        "normalize": bool(lat_cfg.get("output_normalize", True)), "prompt_template": "nvembed",
-        "mask_instruction": "nvembed_compat" if hf.get("is_mask_instruction", True) else "none",
-        "add_eos": bool(hf.get("add_eos", True)), **target.overrides})
+    latent = {
+        "num_latents": num_latents,
+        "num_heads": heads,
+        "dim_head": inner // heads,
+        "ff_mult": ff_width // (2 * decoder_config.hidden_size),
+        "latent_dim": latent_dim,
+    }
+    config = EmbeddingConfig(
+        **{
+            "pooling": "latent_attention",
+            "latent_attention": latent,
+            "normalize": bool(lat_cfg.get("output_normalize", True)),
+            "prompt_template": "nvembed",
+            "mask_instruction": "nvembed_compat" if hf.get("is_mask_instruction", True) else "none",
+            "add_eos": bool(hf.get("add_eos", True)),
+            **target.overrides,
+        }
+    )
     model = target.build(config)
-    model.backbone.checkpoint_format = load_state_dict(model.backbone, path, dtype=dtype, device=device,
-                                                       prefix="embedding_model.")
+    model.backbone.checkpoint_format = load_state_dict(
+        model.backbone, path, dtype=dtype, device=device, prefix="embedding_model."
+    )
     block = model.pooling.latent_attention
     expected = {k: tuple(v.shape) for k, v in block.state_dict().items()}
     problems = misfit(expected, {name: shapes[key] for name, key in head.items()}, head.get)
@@ -266,10 +303,16 @@ def _load_nvembed(path: Path, *, pooling: Optional[str], target: _Target) -> nn.
 def _load_plain(path: Path, *, pooling: Optional[str], latent_attention: Optional[dict], target: _Target) -> nn.Module:
     dtype, device = target.dtype, target.device
     if pooling is None:
-        raise ArgumentError("pooling", None, f"{path} is a plain decoder checkpoint: choose its pooling with {{arg}} "
-                            f"(one of {', '.join(POOLING_MODES)})")
+        raise ArgumentError(
+            "pooling",
+            None,
+            f"{path} is a plain decoder checkpoint: choose its pooling with {{arg}} "
+            f"(one of {', '.join(POOLING_MODES)})",
+        )
     if pooling not in POOLING_MODES:
-        raise ArgumentError("pooling", pooling, f"{{arg}} is not a pooling mode; expected one of {', '.join(POOLING_MODES)}")
+        raise ArgumentError(
+            "pooling", pooling, f"{{arg}} is not a pooling mode; expected one of {', '.join(POOLING_MODES)}"
+        )
     config = EmbeddingConfig(pooling=pooling, latent_attention=latent_attention, **target.overrides)
     model = target.build(config)
     model.backbone.checkpoint_format = load_state_dict(model.backbone, path, dtype=dtype, device=device)
@@ -290,7 +333,7 @@ def _peft_modules(directory: Path) -> tuple[list, int]:
     with safe_open(weights, framework="pt") as f:
         for key in f.keys():
             if key.endswith(".lora_A.weight"):
-                modules.add(key[len("base_model.model."):-len(".lora_A.weight")])
+                modules.add(key[len("base_model.model.") : -len(".lora_A.weight")])
                 rank = max(rank, f.get_slice(key).get_shape()[0])
     return sorted(modules), rank
 
@@ -305,7 +348,7 @@ def _load_peft_adapters(model: nn.Module, adapters: Mapping[str, Union[str, Path
     prefix = prefixes.pop()
     container = nn.ModuleDict({prefix[:-1]: model.backbone}) if prefix else model.backbone
     if model.config.lora is None:
-        targets = sorted({m[len(prefix):] for mods, _ in found.values() for m in mods})
+        targets = sorted({m[len(prefix) :] for mods, _ in found.values() for m in mods})
         r_max = max(r for _, r in found.values())
         model.add_adapters(list(adapters), rank=r_max, alpha=r_max, target_modules=targets, r_max=r_max)
     missing = [n for n in adapters if n not in model.adapter_names]
@@ -334,7 +377,12 @@ def save_embedding_model(model: nn.Module, path: Union[str, Path], *, save_token
     state = model.state_dict()
     extra = {k: v for k, v in state.items() if k.endswith(_EXTRA)}
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if not k.endswith(_EXTRA)}
-    meta = {"format": "latentembed", "version": FORMAT_VERSION, "embedding": model.config.to_dict(), "extra_state": extra}
+    meta = {
+        "format": "latentembed",
+        "version": FORMAT_VERSION,
+        "embedding": model.config.to_dict(),
+        "extra_state": extra,
+    }
     with atomic_directory(path, owned=CHECKPOINT_ENTRIES) as tmp:
         # Plain writes inside: the temporary directory is swapped in only once it is complete.
         (tmp / "config.json").write_text(json.dumps(model.backbone.config.to_hf_dict(), indent=2) + "\n")

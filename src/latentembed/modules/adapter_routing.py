@@ -44,8 +44,15 @@ from torch import nn
 
 from ..ops.multi_lora import LoRAGrouping, group_by_adapter
 
-__all__ = ["LoRARouting", "RoutedRows", "Tasks", "checkpoint_context_fn", "lora_routing", "model_routings",
-           "sequence_layout"]
+__all__ = [
+    "LoRARouting",
+    "RoutedRows",
+    "Tasks",
+    "checkpoint_context_fn",
+    "lora_routing",
+    "model_routings",
+    "sequence_layout",
+]
 
 Tasks = Union[torch.Tensor, Sequence[Union[str, int]]]
 
@@ -78,8 +85,9 @@ def in_backward_pass() -> bool:
     return current is not None and current() != -1
 
 
-def match_rows(lead: torch.Size, sample: Optional[torch.Tensor], packed: Optional[torch.Tensor],
-               what: str) -> tuple[torch.Tensor, bool]:
+def match_rows(
+    lead: torch.Size, sample: Optional[torch.Tensor], packed: Optional[torch.Tensor], what: str
+) -> tuple[torch.Tensor, bool]:
     """Adapter id of each of the N = prod(lead) rows of a layer input, from per-sample ids
     ``sample`` [B] or per-row ids ``packed`` [N], and whether the mapping is the per-sample
     broadcast (it then depends on lead[0] being the batch)."""
@@ -94,9 +102,11 @@ def match_rows(lead: torch.Size, sample: Optional[torch.Tensor], packed: Optiona
         expected.append(f"leading dim B = {sample.shape[0]} (per-sample tasks, padded [B, ...])")
     if packed is not None:
         expected.append(f"N = {packed.shape[0]} rows (per-token / packed tokens)")
-    raise ValueError(f"{what}: the layer input's leading shape {tuple(lead)} ({rows} rows) does not fit the "
-                     f"routing: expected {' or '.join(expected)}; for packed input pass cu_seqlens (or "
-                     "attention_mask when the model unpads) to lora_routing")
+    raise ValueError(
+        f"{what}: the layer input's leading shape {tuple(lead)} ({rows} rows) does not fit the "
+        f"routing: expected {' or '.join(expected)}; for packed input pass cu_seqlens (or "
+        "attention_mask when the model unpads) to lora_routing"
+    )
 
 
 def group_rows(index: torch.Tensor, num_adapters: int, what: str):
@@ -209,7 +219,9 @@ class LoRARouting:
         leaves it to a later ``group_by_adapter``, which checks while it syncs anyway."""
         if isinstance(tasks, torch.Tensor):
             if tasks.dtype.is_floating_point or tasks.dtype.is_complex or tasks.dtype == torch.bool:
-                raise TypeError(f"tasks tensor must have an integer dtype, got {str(tasks.dtype).replace('torch.', '')}")
+                raise TypeError(
+                    f"tasks tensor must have an integer dtype, got {str(tasks.dtype).replace('torch.', '')}"
+                )
             if tasks.ndim != 1:
                 raise ValueError(f"tasks tensor must have shape [B] (or [N] with per_token), got {tuple(tasks.shape)}")
             index = tasks.long()
@@ -218,8 +230,10 @@ class LoRARouting:
                 self.check_ids(low, high, "tasks")
             return index
         if isinstance(tasks, (str, int)):
-            raise TypeError("tasks must be a sequence with one entry per sample (e.g. ['query'] * B), got a single "
-                            f"{type(tasks).__name__}")
+            raise TypeError(
+                "tasks must be a sequence with one entry per sample (e.g. ['query'] * B), got a single "
+                f"{type(tasks).__name__}"
+            )
         return torch.tensor([self.adapter_id(t, f"tasks[{i}]") for i, t in enumerate(tasks)], dtype=torch.int64)
 
     def check_ids(self, low: int, high: int, what: str) -> None:
@@ -227,8 +241,13 @@ class LoRARouting:
         if low < -1 or high >= self.num_adapters:
             raise IndexError(f"{what}: adapter ids must be in [-1, {self.num_adapters}), got min {low}, max {high}")
 
-    def set(self, tasks: Tasks, cu_seqlens: Optional[torch.Tensor] = None, per_token: bool = False,
-            attention_mask: Optional[torch.Tensor] = None) -> None:
+    def set(
+        self,
+        tasks: Tasks,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        per_token: bool = False,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> None:
         """Route the next forward(s); see :func:`lora_routing` for the arguments."""
         index = self.resolve(tasks)
         if index.numel() == 0:
@@ -239,10 +258,16 @@ class LoRARouting:
         if cu_seqlens is not None:
             packed = torch.repeat_interleave(index.cpu(), self._lengths(cu_seqlens, index.shape[0]))
         if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2 or \
-                    attention_mask.shape[0] != index.shape[0] or attention_mask.dtype.is_floating_point:
-                raise ValueError(f"attention_mask must be a bool/int tensor [B, L] with B = {index.shape[0]} tasks, "
-                                 f"got {getattr(attention_mask, 'shape', attention_mask)!r}")
+            if (
+                not isinstance(attention_mask, torch.Tensor)
+                or attention_mask.ndim != 2
+                or attention_mask.shape[0] != index.shape[0]
+                or attention_mask.dtype.is_floating_point
+            ):
+                raise ValueError(
+                    f"attention_mask must be a bool/int tensor [B, L] with B = {index.shape[0]} tasks, "
+                    f"got {getattr(attention_mask, 'shape', attention_mask)!r}"
+                )
             # Rows of an unpadded layer input are the real tokens in row-major mask order.
             packed = torch.repeat_interleave(index.cpu(), attention_mask.bool().sum(-1).cpu())
         self._index, self._packed = sample, packed
@@ -258,8 +283,10 @@ class LoRARouting:
         if self._index is None or (self._packed is not None and self._packed.shape[0] == total):
             return
         if lengths.ndim != 1 or lengths.shape[0] != self._index.shape[0]:
-            raise ValueError(f"lora_routing was given {self._index.shape[0]} per-sample tasks, but the model's "
-                             f"input holds {lengths.shape[0] if lengths.ndim == 1 else tuple(lengths.shape)} sequences")
+            raise ValueError(
+                f"lora_routing was given {self._index.shape[0]} per-sample tasks, but the model's "
+                f"input holds {lengths.shape[0] if lengths.ndim == 1 else tuple(lengths.shape)} sequences"
+            )
         # On the lengths' device with a known output size: no host sync here (the grouping
         # that follows makes the one documented sync).
         index = self._index.to(lengths.device, non_blocking=True)
@@ -272,8 +299,9 @@ class LoRARouting:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.ndim != 1 or cu_seqlens.dtype.is_floating_point:
             raise TypeError(f"cu_seqlens must be an integer tensor [B+1], got {cu_seqlens!r:.80}")
         if cu_seqlens.shape[0] != batch + 1:
-            raise ValueError(f"cu_seqlens must have shape [B+1] = [{batch + 1}] for {batch} tasks, "
-                             f"got {tuple(cu_seqlens.shape)}")
+            raise ValueError(
+                f"cu_seqlens must have shape [B+1] = [{batch + 1}] for {batch} tasks, got {tuple(cu_seqlens.shape)}"
+            )
         cu = cu_seqlens.long().cpu()
         lengths = cu[1:] - cu[:-1]
         if int(cu[0]) != 0 or bool((lengths < 0).any()):
@@ -367,8 +395,14 @@ def model_routings(model: nn.Module) -> list[LoRARouting]:
 
 
 @contextlib.contextmanager
-def lora_routing(model: nn.Module, tasks: Tasks, *, cu_seqlens: Optional[torch.Tensor] = None,
-                 attention_mask: Optional[torch.Tensor] = None, per_token: bool = False) -> Iterator[LoRARouting]:
+def lora_routing(
+    model: nn.Module,
+    tasks: Tasks,
+    *,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    per_token: bool = False,
+) -> Iterator[LoRARouting]:
     """Route every MultiLoRALinear of ``model`` for the forward(s) inside the block.
 
     Args:

@@ -67,7 +67,8 @@ def _embed(encoder: Callable, chunk) -> torch.Tensor:
         raise TypeError(
             "the encoder must return embeddings [b, D] as a tensor, got "
             f"{type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}; wrap it, e.g. "
-            "lambda **x: model(**x).pooler_output")
+            "lambda **x: model(**x).pooler_output"
+        )
     return out
 
 

@@ -56,7 +56,8 @@ class LatentAttentionPooling(LatentAttentionParameters):
     float32 hidden under bf16 autocast keeps a float32 residual. In the compute dtype: the fold
     (K, V, M, U), the score and output GEMMs, LN2's output, the first feed-forward Linear and the
     per-sequence W2. In float32 (at least): LayerNorm statistics, the whole of LN2 (forward and
-    backward), scores and softmax, the GEGLU mean, the mean of the residual stream, the final sum and the normalisation. The result has
+    backward), scores and softmax, the GEGLU mean, the mean of the residual stream, the final sum
+    and the normalisation. The result has
     hidden's dtype. When the residual dtype is the compute dtype (no autocast, or hidden already
     in the autocast dtype) the cross-attention is the fused op; otherwise it runs as two GEMMs in
     plain PyTorch (the fused op writes its output, residual included, in one dtype).
@@ -104,8 +105,14 @@ class LatentAttentionPooling(LatentAttentionParameters):
     # -- the fold ---------------------------------------------------------------------------
     def _fold_params(self) -> tuple:
         attn = self.cross_attend_blocks[0]
-        return (self.latents, attn.norm_context.weight, attn.norm_context.bias,
-                attn.fn.to_kv.weight, attn.fn.to_q.weight, attn.fn.to_out.weight)
+        return (
+            self.latents,
+            attn.norm_context.weight,
+            attn.norm_context.bias,
+            attn.fn.to_kv.weight,
+            attn.fn.to_q.weight,
+            attn.fn.to_out.weight,
+        )
 
     def _fold_factors(self, params: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple:
         """``(K_h / sqrt(dim_head), V_h, Wq_h, Wo_h^T)`` per head, each [H, ., .], in ``dtype``, from
@@ -119,7 +126,7 @@ class LatentAttentionPooling(LatentAttentionParameters):
         k, v = kv.view(R, 2, H, dh).permute(1, 2, 0, 3).unbind(0)  # each [H, R, dh]
         wq_h = wq.to(dtype).view(H, dh, D)
         wo_t = wo.to(dtype).view(D, H, dh).permute(1, 2, 0)  # [H, dh, D]
-        return k * dh ** -0.5, v, wq_h, wo_t
+        return k * dh**-0.5, v, wq_h, wo_t
 
     def fold(self, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The folded per-head matrices ``(M, U)``, each [H, R, D], in ``dtype``.
@@ -207,8 +214,9 @@ class LatentAttentionPooling(LatentAttentionParameters):
             m, u = self._folded(cdt)
             ln1 = attn_block.norm
             if res_dtype == cdt:
-                y = latent_cross_attention(rows.to(cdt), ln1.weight, ln1.bias, m, u, eps=ln1.eps,
-                                           backend=backend, validate=False)  # [T', D]
+                y = latent_cross_attention(
+                    rows.to(cdt), ln1.weight, ln1.bias, m, u, eps=ln1.eps, backend=backend, validate=False
+                )  # [T', D]
             else:
                 y = self._cross_attention_wide_residual(rows.to(res_dtype), m, u, cdt)
             ln2 = ff_block.norm
@@ -232,8 +240,9 @@ class LatentAttentionPooling(LatentAttentionParameters):
                 pooled = l2_normalize(pooled)
         return pooled.to(hidden.dtype)
 
-    def _cross_attention_wide_residual(self, x: torch.Tensor, m: torch.Tensor, u: torch.Tensor,
-                                       cdt: torch.dtype) -> torch.Tensor:
+    def _cross_attention_wide_residual(
+        self, x: torch.Tensor, m: torch.Tensor, u: torch.Tensor, cdt: torch.dtype
+    ) -> torch.Tensor:
         """``x + sum_h softmax(LN(x) M_h^T) U_h`` for rows x [T', D] wider than the compute dtype
         ``cdt`` (autocast): LayerNorm and softmax in float32, both GEMMs in cdt, the residual added
         in x's dtype, as the public block does under autocast."""
@@ -273,10 +282,13 @@ class _CachedFoldFunction(torch.autograd.Function):
             leaves = [p.detach().requires_grad_(need) for p, need in zip(params, needs)]
             k, v, wq, wo_t = ctx.module._fold_factors(leaves, ctx.dtype)
             # M = K Wq and U = V Wo^T per head (bmm): their gradients with respect to the factors.
-            factor_grads = (torch.bmm(grad_m, wq.detach().mT), torch.bmm(grad_u, wo_t.detach().mT),
-                            torch.bmm(k.detach().mT, grad_m), torch.bmm(v.detach().mT, grad_u))
+            factor_grads = (
+                torch.bmm(grad_m, wq.detach().mT),
+                torch.bmm(grad_u, wo_t.detach().mT),
+                torch.bmm(k.detach().mT, grad_m),
+                torch.bmm(v.detach().mT, grad_u),
+            )
             pairs = [(f, g) for f, g in zip((k, v, wq, wo_t), factor_grads) if f.requires_grad]
             wanted = [leaf for leaf in leaves if leaf.requires_grad]
-            grads = iter(torch.autograd.grad([f for f, _ in pairs], wanted, [g for _, g in pairs],
-                                             allow_unused=True))
+            grads = iter(torch.autograd.grad([f for f, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
         return (None, None, None, None, *(next(grads) if leaf.requires_grad else None for leaf in leaves))

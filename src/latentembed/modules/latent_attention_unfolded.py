@@ -97,7 +97,7 @@ def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = NVEMBED_P
         >>> list(strip_prefix(full))
         ['latents']
     """
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 class LatentAttentionParameters(nn.Module):
@@ -134,24 +134,33 @@ class LatentAttentionParameters(nn.Module):
     ):
         super().__init__()
         latent_dim = hidden_size if latent_dim is None else latent_dim
-        for name, value in (("hidden_size", hidden_size), ("num_latents", num_latents),
-                            ("num_heads", num_heads), ("dim_head", dim_head),
-                            ("ff_mult", ff_mult), ("latent_dim", latent_dim)):
+        for name, value in (
+            ("hidden_size", hidden_size),
+            ("num_latents", num_latents),
+            ("num_heads", num_heads),
+            ("dim_head", dim_head),
+            ("ff_mult", ff_mult),
+            ("latent_dim", latent_dim),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.hidden_size, self.num_latents, self.latent_dim = hidden_size, num_latents, latent_dim
         self.num_heads, self.dim_head, self.ff_mult = num_heads, dim_head, ff_mult
         self.normalize = bool(normalize)
-        self.cross_attend_blocks = nn.ModuleList([
-            _PreNorm(hidden_size, _CrossAttention(hidden_size, latent_dim, num_heads, dim_head), latent_dim),
-            _PreNorm(hidden_size, _FeedForward(hidden_size, ff_mult)),
-        ])
+        self.cross_attend_blocks = nn.ModuleList(
+            [
+                _PreNorm(hidden_size, _CrossAttention(hidden_size, latent_dim, num_heads, dim_head), latent_dim),
+                _PreNorm(hidden_size, _FeedForward(hidden_size, ff_mult)),
+            ]
+        )
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim))
 
     def extra_repr(self) -> str:
-        return (f"hidden_size={self.hidden_size}, num_latents={self.num_latents}, "
-                f"num_heads={self.num_heads}, dim_head={self.dim_head}, ff_mult={self.ff_mult}, "
-                f"latent_dim={self.latent_dim}, normalize={self.normalize}")
+        return (
+            f"hidden_size={self.hidden_size}, num_latents={self.num_latents}, "
+            f"num_heads={self.num_heads}, dim_head={self.dim_head}, ff_mult={self.ff_mult}, "
+            f"latent_dim={self.latent_dim}, normalize={self.normalize}"
+        )
 
     def _shape_hints(self) -> dict:
         return {
@@ -162,13 +171,22 @@ class LatentAttentionParameters(nn.Module):
             "cross_attend_blocks.0.fn.to_kv": "[2 * num_heads * dim_head, latent_dim]",
             "cross_attend_blocks.0.fn.to_out": "[hidden_size, num_heads * dim_head]",
             "cross_attend_blocks.1.norm": "[hidden_size]",
-            "cross_attend_blocks.1.fn.net.0": "[2 * ff_mult * hidden_size, hidden_size] (bias [2 * ff_mult * hidden_size])",
+            "cross_attend_blocks.1.fn.net.0": (
+                "[2 * ff_mult * hidden_size, hidden_size] (bias [2 * ff_mult * hidden_size])"
+            ),
             "cross_attend_blocks.1.fn.net.2": "[hidden_size, ff_mult * hidden_size] (bias [hidden_size])",
         }
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], *, num_heads: int = 8,
-                        normalize: bool = True, prefix: str = "", **kwargs):
+    def from_state_dict(
+        cls,
+        state_dict: Mapping[str, torch.Tensor],
+        *,
+        num_heads: int = 8,
+        normalize: bool = True,
+        prefix: str = "",
+        **kwargs,
+    ):
         """Build the module with the sizes read off ``state_dict`` (keys after ``prefix``) and
         load it. ``num_heads`` cannot be read off the shapes (only num_heads * dim_head can).
 
@@ -191,9 +209,16 @@ class LatentAttentionParameters(nn.Module):
             )
         # On the meta device: no random init of weights that are overwritten at once.
         with torch.device("meta"):
-            module = cls(hidden_size=hidden_size, num_latents=num_latents, num_heads=num_heads,
-                         dim_head=inner // num_heads, ff_mult=two_f // (2 * hidden_size),
-                         normalize=normalize, latent_dim=latent_dim, **kwargs)
+            module = cls(
+                hidden_size=hidden_size,
+                num_latents=num_latents,
+                num_heads=num_heads,
+                dim_head=inner // num_heads,
+                ff_mult=two_f // (2 * hidden_size),
+                normalize=normalize,
+                latent_dim=latent_dim,
+                **kwargs,
+            )
         module.load_state_dict(sd, assign=True)
         return module
 
@@ -227,8 +252,14 @@ class LatentAttentionParameters(nn.Module):
                 )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def check_inputs(self, hidden: torch.Tensor, pool_mask: Optional[torch.Tensor] = None,
-                     cu_seqlens: Optional[torch.Tensor] = None, *, validate: bool = True) -> None:
+    def check_inputs(
+        self,
+        hidden: torch.Tensor,
+        pool_mask: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        *,
+        validate: bool = True,
+    ) -> None:
         """Check a forward's arguments: pool()'s rules (hidden padded [B, L, D] or packed [T, D]
         with ``cu_seqlens`` [B+1], the pool mask of that layout; see
         :func:`~latentembed.modules.pooling_functions.check_pool_inputs`) and D = ``hidden_size``.
@@ -274,4 +305,3 @@ class UnfoldedLatentAttentionPooling(LatentAttentionParameters):
             # F.normalize's rounding; a zero row (nothing pooled) stays zero with zero gradient.
             pooled = l2_normalize(pooled)
         return pooled.to(hidden.dtype)
-

@@ -35,8 +35,10 @@ def _per_adapter(name: str, value: PerAdapter, adapters: Sequence[str]) -> list:
         unknown = set(value) - set(adapters)
         missing = [a for a in adapters if a not in value]
         if unknown or missing:
-            raise ValueError(f"{name} dict must have one entry per adapter {list(adapters)}; "
-                             f"unknown {sorted(unknown)}, missing {missing}")
+            raise ValueError(
+                f"{name} dict must have one entry per adapter {list(adapters)}; "
+                f"unknown {sorted(unknown)}, missing {missing}"
+            )
         return [value[a] for a in adapters]
     if isinstance(value, (list, tuple)):
         if len(value) != len(adapters):
@@ -81,9 +83,20 @@ class MultiLoRALinear(nn.Module):
         torch.Size([3, 5, 8])
     """
 
-    def __init__(self, base: nn.Linear, adapters: Union[int, Sequence[str]], rank: PerAdapter, alpha: PerAdapter = None,
-                 *, r_max: Optional[int] = None, dropout: float = 0.0, use_rslora: bool = False,
-                 freeze_base: bool = True, routing: Optional[LoRARouting] = None, backend: str = "auto"):
+    def __init__(
+        self,
+        base: nn.Linear,
+        adapters: Union[int, Sequence[str]],
+        rank: PerAdapter,
+        alpha: PerAdapter = None,
+        *,
+        r_max: Optional[int] = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        freeze_base: bool = True,
+        routing: Optional[LoRARouting] = None,
+        backend: str = "auto",
+    ):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
@@ -149,16 +162,20 @@ class MultiLoRALinear(nn.Module):
         if t < 0:
             raise IndexError("adapter -1 is the base layer and has no weights")
         if not 0 <= rank <= self.r_max:
-            raise ValueError(f"{self._what()}: rank {rank} of adapter {self.routing.adapter_names[t]!r} must be in "
-                             f"[0, r_max = {self.r_max}]")
+            raise ValueError(
+                f"{self._what()}: rank {rank} of adapter {self.routing.adapter_names[t]!r} must be in "
+                f"[0, r_max = {self.r_max}]"
+            )
 
     def set_adapter_weights(self, adapter: Union[int, str], a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         """Replace adapter ``adapter`` with ``a`` [rank, in], ``b`` [out, rank] and ``scaling``."""
         t = self.routing.adapter_id(adapter, "adapter")
         rank = a.shape[0] if a.ndim == 2 else -1
         if a.ndim != 2 or a.shape[1] != self.in_features or b.ndim != 2 or tuple(b.shape) != (self.out_features, rank):
-            raise ValueError(f"{self._what()}: expected a [rank, {self.in_features}] and b [{self.out_features}, rank], "
-                             f"got a {tuple(a.shape)} and b {tuple(b.shape)}")
+            raise ValueError(
+                f"{self._what()}: expected a [rank, {self.in_features}] and b [{self.out_features}, rank], "
+                f"got a {tuple(a.shape)} and b {tuple(b.shape)}"
+            )
         self._check_rank(t, rank)
         with torch.no_grad():
             self.lora_a[t].zero_()
@@ -183,15 +200,23 @@ class MultiLoRALinear(nn.Module):
         return cached
 
     def get_extra_state(self) -> dict:
-        return {"adapters": list(self.routing.adapter_names), "ranks": list(self.ranks),
-                "scalings": list(self.scalings), "merged_adapter": self.merged_adapter}
+        return {
+            "adapters": list(self.routing.adapter_names),
+            "ranks": list(self.ranks),
+            "scalings": list(self.scalings),
+            "merged_adapter": self.merged_adapter,
+        }
 
     def set_extra_state(self, state: dict) -> None:
         if state["adapters"] != list(self.routing.adapter_names):
-            raise ValueError(f"{self._what()}: checkpoint adapters {state['adapters']} != {list(self.routing.adapter_names)}")
+            raise ValueError(
+                f"{self._what()}: checkpoint adapters {state['adapters']} != {list(self.routing.adapter_names)}"
+            )
         if state.get("merged_adapter") != self.merged_adapter:
-            raise ValueError(f"{self._what()}: checkpoint has merged adapter {state.get('merged_adapter')}, this "
-                             f"layer {self.merged_adapter}; merge or unmerge before loading")
+            raise ValueError(
+                f"{self._what()}: checkpoint has merged adapter {state.get('merged_adapter')}, this "
+                f"layer {self.merged_adapter}; merge or unmerge before loading"
+            )
         for t, (rank, scaling) in enumerate(zip(state["ranks"], state["scalings"])):
             self._check_rank(t, rank)
             self._set_scaling(t, rank, scaling)
@@ -213,8 +238,10 @@ class MultiLoRALinear(nn.Module):
         if t < 0:
             raise ValueError("cannot merge adapter -1 (the base layer)")
         if self.merged_adapter is not None:
-            raise RuntimeError(f"{self._what()}: adapter {self.routing.adapter_names[self.merged_adapter]!r} is "
-                               "already merged; call unmerge() first")
+            raise RuntimeError(
+                f"{self._what()}: adapter {self.routing.adapter_names[self.merged_adapter]!r} is "
+                "already merged; call unmerge() first"
+            )
         delta = self.delta_weight(t)
         self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
         self.merged_adapter = t
@@ -254,9 +281,11 @@ class MultiLoRALinear(nn.Module):
         if self.merged_adapter is not None:
             return RoutedRows(None, None, frozenset({self.merged_adapter}))
         if routing.default_adapter is None:
-            raise RuntimeError(f"{what}: no adapter routing is set. Call the model inside "
-                               "`with lora_routing(model, tasks):`, pass adapter_index=, or give the routing a "
-                               "default_adapter (-1 = base only)")
+            raise RuntimeError(
+                f"{what}: no adapter routing is set. Call the model inside "
+                "`with lora_routing(model, tasks):`, pass adapter_index=, or give the routing a "
+                "default_adapter (-1 = base only)"
+            )
         return routing.default_rows(lead, x.device, what)
 
     def forward(self, x: torch.Tensor, adapter_index: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -267,8 +296,10 @@ class MultiLoRALinear(nn.Module):
         if self.merged_adapter is not None:
             if present != {self.merged_adapter}:
                 names = sorted(self.routing.adapter_names[t] if t >= 0 else "base" for t in present)
-                raise RuntimeError(f"{self._what()}: adapter {self.routing.adapter_names[self.merged_adapter]!r} is "
-                                   f"merged into the weight, but the batch routes {names}; unmerge() first")
+                raise RuntimeError(
+                    f"{self._what()}: adapter {self.routing.adapter_names[self.merged_adapter]!r} is "
+                    f"merged into the weight, but the batch routes {names}; unmerge() first"
+                )
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -279,15 +310,23 @@ class MultiLoRALinear(nn.Module):
             # when dtypes already agree.
             dt = out.dtype
             out = multi_lora_linear_add(
-                out, self.dropout(x2).to(dt), self.lora_a.to(dt), self.lora_b.to(dt),
-                self.scaling_tensor(x.device), grouping, backend=self.backend, validate=False,
+                out,
+                self.dropout(x2).to(dt),
+                self.lora_a.to(dt),
+                self.lora_b.to(dt),
+                self.scaling_tensor(x.device),
+                grouping,
+                backend=self.backend,
+                validate=False,
             )
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"adapters={list(self.routing.adapter_names)}, ranks={self.ranks}, r_max={self.r_max}, "
-                f"merged={self.merged_adapter}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"adapters={list(self.routing.adapter_names)}, ranks={self.ranks}, r_max={self.r_max}, "
+            f"merged={self.merged_adapter}"
+        )
 
 
 def multi_lora_layers(model: nn.Module) -> Iterator[tuple[str, MultiLoRALinear]]:
@@ -301,10 +340,20 @@ def _matches(name: str, targets: Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def apply_multi_lora(model: nn.Module, target_modules: Sequence[str], adapters: Union[int, Sequence[str]],
-                     rank: PerAdapter, alpha: PerAdapter = None, *, r_max: Optional[int] = None, dropout: float = 0.0,
-                     use_rslora: bool = False, freeze_base: bool = True, default_adapter: Union[None, int, str] = None,
-                     backend: str = "auto") -> LoRARouting:
+def apply_multi_lora(
+    model: nn.Module,
+    target_modules: Sequence[str],
+    adapters: Union[int, Sequence[str]],
+    rank: PerAdapter,
+    alpha: PerAdapter = None,
+    *,
+    r_max: Optional[int] = None,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    freeze_base: bool = True,
+    default_adapter: Union[None, int, str] = None,
+    backend: str = "auto",
+) -> LoRARouting:
     """Replace every nn.Linear of ``model`` whose name ends with a target by a MultiLoRALinear.
 
     ``target_modules`` are name suffixes (``"q_proj"`` matches ``layers.0.self_attn.q_proj``)
@@ -333,8 +382,18 @@ def apply_multi_lora(model: nn.Module, target_modules: Sequence[str], adapters: 
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(f"target_modules {list(target_modules)} match no module; nn.Linear names: {linears[:8]}")
     for name, linear in found:
-        layer = MultiLoRALinear(linear, names, rank, alpha, r_max=r_max, dropout=dropout, use_rslora=use_rslora,
-                                freeze_base=freeze_base, routing=routing, backend=backend)
+        layer = MultiLoRALinear(
+            linear,
+            names,
+            rank,
+            alpha,
+            r_max=r_max,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            freeze_base=freeze_base,
+            routing=routing,
+            backend=backend,
+        )
         layer.layer_name = name
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)

@@ -34,9 +34,21 @@ PEFT_ENTRIES = (CONFIG_NAME, WEIGHTS_NAME, "adapter_model.bin", "README.md")
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 # Config fields that change what the adapter computes; any truthy value is refused.
-_UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "target_parameters",
-                "trainable_token_indices", "alora_invocation_tokens", "use_qalora", "use_bdlora",
-                "layer_replication", "arrow_config", "kasa_config", "monteclora_config")
+_UNSUPPORTED = (
+    "use_dora",
+    "fan_in_fan_out",
+    "lora_bias",
+    "modules_to_save",
+    "target_parameters",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "use_bdlora",
+    "layer_replication",
+    "arrow_config",
+    "kasa_config",
+    "monteclora_config",
+)
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -62,8 +74,9 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
-def load_peft_adapter(model: nn.Module, path: Union[str, Path], adapter: Union[int, str], *,
-                      module_prefix: str = "") -> list[str]:
+def load_peft_adapter(
+    model: nn.Module, path: Union[str, Path], adapter: Union[int, str], *, module_prefix: str = ""
+) -> list[str]:
     """Load a PEFT LoRA directory into adapter slot ``adapter`` of every MultiLoRALinear of ``model``.
 
     Args:
@@ -92,16 +105,20 @@ def load_peft_adapter(model: nn.Module, path: Union[str, Path], adapter: Union[i
     for key, value in tensors.items():
         match = _KEY.match(key)
         if match is None:
-            raise ValueError(f"{weights_path}: unsupported tensor {key!r}; expected "
-                             "base_model.model.<module>.lora_A.weight / lora_B.weight")
+            raise ValueError(
+                f"{weights_path}: unsupported tensor {key!r}; expected "
+                "base_model.model.<module>.lora_A.weight / lora_B.weight"
+            )
         pairs.setdefault(match["module"], {})[match["which"]] = value
     layers = dict(multi_lora_layers(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no MultiLoRALinear layers; call apply_multi_lora first")
     missing = [module_prefix + m for m in pairs if module_prefix + m not in layers]
     if missing:
-        raise KeyError(f"{directory}: adapter modules {missing[:4]} are not MultiLoRALinear layers of the model "
-                       f"(with module_prefix={module_prefix!r}); wrapped layers: {list(layers)[:4]}")
+        raise KeyError(
+            f"{directory}: adapter modules {missing[:4]} are not MultiLoRALinear layers of the model "
+            f"(with module_prefix={module_prefix!r}); wrapped layers: {list(layers)[:4]}"
+        )
     updates = []
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
@@ -114,8 +131,9 @@ def load_peft_adapter(model: nn.Module, path: Union[str, Path], adapter: Union[i
         scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
         layer = layers[module_prefix + module]
         if rank > layer.r_max:
-            raise ValueError(f"{weights_path}: module {module!r} has rank {rank} > r_max = {layer.r_max} of "
-                             f"{module_prefix + module}")
+            raise ValueError(
+                f"{weights_path}: module {module!r} has rank {rank} > r_max = {layer.r_max} of {module_prefix + module}"
+            )
         updates.append((layer, ab["A"], ab["B"], scaling))
     # Everything is checked before the first layer changes: a bad file leaves the model as it was.
     t = next(iter(layers.values())).routing.adapter_id(adapter, "adapter")
@@ -124,13 +142,20 @@ def load_peft_adapter(model: nn.Module, path: Union[str, Path], adapter: Union[i
     loaded = {id(layer) for layer, *_ in updates}
     for layer in layers.values():
         if id(layer) not in loaded:
-            layer.set_adapter_weights(t, layer.lora_a.new_zeros(0, layer.in_features),
-                                      layer.lora_b.new_zeros(layer.out_features, 0), 0.0)
+            layer.set_adapter_weights(
+                t, layer.lora_a.new_zeros(0, layer.in_features), layer.lora_b.new_zeros(layer.out_features, 0), 0.0
+            )
     return [module_prefix + m for m in pairs]
 
 
-def save_peft_adapter(model: nn.Module, adapter: Union[int, str], path: Union[str, Path], *,
-                      module_prefix: str = "", base_model_name_or_path: Optional[str] = None) -> Path:
+def save_peft_adapter(
+    model: nn.Module,
+    adapter: Union[int, str],
+    path: Union[str, Path],
+    *,
+    module_prefix: str = "",
+    base_model_name_or_path: Optional[str] = None,
+) -> Path:
     """Write adapter ``adapter`` of ``model`` as a PEFT LoRA directory (loadable by PeftModel).
 
     Layers where the adapter has rank 0 are left out. ``module_prefix`` is stripped from our
@@ -160,7 +185,7 @@ def save_peft_adapter(model: nn.Module, adapter: Union[int, str], path: Union[st
             continue
         if not name.startswith(module_prefix):
             raise ValueError(f"layer {name!r} does not start with module_prefix {module_prefix!r}")
-        module = name[len(module_prefix):]
+        module = name[len(module_prefix) :]
         tensors[f"{_PREFIX}{module}.lora_A.weight"] = a.detach().cpu().contiguous()
         tensors[f"{_PREFIX}{module}.lora_B.weight"] = b.detach().cpu().contiguous()
         ranks[module], alphas[module] = a.shape[0], scaling * a.shape[0]
@@ -177,14 +202,30 @@ def save_peft_adapter(model: nn.Module, adapter: Union[int, str], path: Union[st
     leaves = sorted({m.rpartition(".")[2] for m in ranks})
     # A leaf name is a valid target when every layer so named carries the adapter; otherwise
     # list full module names so PEFT does not add zero adapters elsewhere.
-    complete = all(all(m in ranks for m in (n[len(module_prefix):] for n in layers
-                                            if n.rpartition(".")[2] == leaf and n.startswith(module_prefix)))
-                   for leaf in leaves)
+    complete = all(
+        all(
+            m in ranks
+            for m in (
+                n[len(module_prefix) :] for n in layers if n.rpartition(".")[2] == leaf and n.startswith(module_prefix)
+            )
+        )
+        for leaf in leaves
+    )
     config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-        "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
-        "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-        "modules_to_save": None, "target_modules": leaves if complete else sorted(ranks),
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "target_modules": leaves if complete else sorted(ranks),
         "rank_pattern": {re.escape(m): v for m, v in ranks.items() if v != r},
         "alpha_pattern": {re.escape(m): v for m, v in alphas.items() if v != alpha},
     }

@@ -163,5 +163,12 @@ class Pooling(nn.Module):
         cu_seqlens: Optional[torch.Tensor] = None,
         validate: bool = True,
     ) -> torch.Tensor:
-        return pool(hidden, pool_mask, mode=self.mode, cu_seqlens=cu_seqlens,
-                    latent_attention=self.latent_attention, normalize=self.normalize, validate=validate)
+        return pool(
+            hidden,
+            pool_mask,
+            mode=self.mode,
+            cu_seqlens=cu_seqlens,
+            latent_attention=self.latent_attention,
+            normalize=self.normalize,
+            validate=validate,
+        )

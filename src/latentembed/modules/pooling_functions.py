@@ -28,8 +28,13 @@ def check_pool_mask(pool_mask: Optional[torch.Tensor], hidden: torch.Tensor, pac
         checks.check_row_mask("pool_mask", pool_mask, hidden, packed=packed, keeps="pool")
 
 
-def check_pool_inputs(hidden: torch.Tensor, pool_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-                      *, validate: bool = True) -> None:
+def check_pool_inputs(
+    hidden: torch.Tensor,
+    pool_mask: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor],
+    *,
+    validate: bool = True,
+) -> None:
     """The arguments of :func:`~latentembed.modules.pooling.pool`: hidden padded [B, L, D] (B >= 1)
     or packed [T, D] with int32 ``cu_seqlens`` [B+1], and the pool mask of that layout
     (:func:`check_pool_mask`). ``validate`` reads cu_seqlens' values (one host sync)."""
@@ -66,9 +71,7 @@ def segment_of_row(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
         [0, 0, 2]
     """
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(
-        torch.arange(lengths.shape[0], device=cu_seqlens.device), lengths, output_size=total
-    )
+    return torch.repeat_interleave(torch.arange(lengths.shape[0], device=cu_seqlens.device), lengths, output_size=total)
 
 
 def pack_pool_rows(

@@ -1,10 +1,10 @@
 """Ops with reference, Triton and CUDA implementations behind one validating function each."""
 
-from .dispatch import BackendUnavailableError
 from . import infonce as _infonce
 from . import latent_attention as _latent_attention
 from . import masked_mean as _masked_mean
 from . import multi_lora as _multi_lora
+from .dispatch import BackendUnavailableError
 from .infonce import CandidateRule, infonce_lse, infonce_lse_ref, infonce_per_query_loss
 from .latent_attention import (
     geglu_segment_mean,

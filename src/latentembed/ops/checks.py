@@ -62,9 +62,7 @@ def check_tensor(name: str, value: object) -> torch.Tensor:
 
 def check_ndim(name: str, tensor: torch.Tensor, ndim: int, layout: str) -> None:
     if tensor.ndim != ndim:
-        raise ValueError(
-            f"{name} must have {ndim} dims {layout}, got shape {tuple(tensor.shape)}"
-        )
+        raise ValueError(f"{name} must have {ndim} dims {layout}, got shape {tuple(tensor.shape)}")
 
 
 def check_floating(name: str, tensor: torch.Tensor, allowed=FLOAT_DTYPES + (torch.float64,)) -> None:
@@ -76,9 +74,7 @@ def check_floating(name: str, tensor: torch.Tensor, allowed=FLOAT_DTYPES + (torc
 def check_same_device(name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     check_tensor(name, tensor)  # the type first: a list has no .device (AttributeError otherwise)
     if tensor.device != ref.device:
-        raise ValueError(
-            f"{name} must be on the same device as {ref_name} ({ref.device}), got {tensor.device}"
-        )
+        raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {tensor.device}")
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, ref_name: str, values: bool = True) -> int:
@@ -103,8 +99,7 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, ref_name: str, values
             raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {first}")
         if last != total:
             raise ValueError(
-                f"cu_seqlens must end at the number of rows of {ref_name} ({total}), "
-                f"got cu_seqlens[-1] = {last}"
+                f"cu_seqlens must end at the number of rows of {ref_name} ({total}), got cu_seqlens[-1] = {last}"
             )
         steps = cu[1:] - cu[:-1]
         if bool((steps < 0).any()):
@@ -155,8 +150,9 @@ def check_row_mask(name: str, mask: object, hidden: torch.Tensor, *, packed: boo
     check_same_device(name, mask, "hidden", hidden)
 
 
-def check_index(name: str, index: Optional[torch.Tensor], length: int, layout: str, ref_name: str,
-                ref: torch.Tensor) -> None:
+def check_index(
+    name: str, index: Optional[torch.Tensor], length: int, layout: str, ref_name: str, ref: torch.Tensor
+) -> None:
     """An int64 index vector of shape ``(length,)`` (``layout`` names it: "[B]", "[N]") on the
     device of ``ref``; None passes (optional arguments)."""
     if index is None:
@@ -200,7 +196,9 @@ class ValueChecks:
 
         def check(lo: float, hi: float) -> None:
             if lo < 0 or hi >= high:
-                raise ValueError(f"{name} values must be in [0, N) = [0, {high}){note}, got {int(lo if lo < 0 else hi)}")
+                raise ValueError(
+                    f"{name} values must be in [0, N) = [0, {high}){note}, got {int(lo if lo < 0 else hi)}"
+                )
 
         lo_hi = torch.aminmax(index)
         self.add((lo_hi.min, lo_hi.max), check)

@@ -168,8 +168,9 @@ def triton_backend(
     auto: bool = True,
 ) -> Backend:
     """The Triton backend (CPU too under the interpreter); ``auto`` picks it on CUDA only."""
-    return _kernel_backend("triton", devices=triton_devices(), available=triton_unavailable, dtypes=dtypes,
-                           supports=supports, auto=auto)
+    return _kernel_backend(
+        "triton", devices=triton_devices(), available=triton_unavailable, dtypes=dtypes, supports=supports, auto=auto
+    )
 
 
 def cuda_backend(
@@ -178,12 +179,26 @@ def cuda_backend(
     auto: bool = True,
 ) -> Backend:
     """The compiled extension's backend; ``auto=False`` keeps ``auto`` from picking it."""
-    return _kernel_backend("cuda", devices=_CUDA_ONLY, available=cuda_unavailable, dtypes=dtypes,
-                           supports=supports, auto=auto)
+    return _kernel_backend(
+        "cuda", devices=_CUDA_ONLY, available=cuda_unavailable, dtypes=dtypes, supports=supports, auto=auto
+    )
 
 
-def _kernel_backend(name: str, *, devices: frozenset, available: Callable[[], Optional[str]], dtypes: frozenset,
-                    supports: Optional[Callable[..., Optional[str]]], auto: bool) -> Backend:
+def _kernel_backend(
+    name: str,
+    *,
+    devices: frozenset,
+    available: Callable[[], Optional[str]],
+    dtypes: frozenset,
+    supports: Optional[Callable[..., Optional[str]]],
+    auto: bool,
+) -> Backend:
     """A GPU-kernel backend: ``auto`` may pick it on CUDA devices only, or never (``auto=False``)."""
-    return Backend(name, devices=devices, dtypes=dtypes, auto_devices=_CUDA_ONLY if auto else frozenset(),
-                   available=available, supports=supports)
+    return Backend(
+        name,
+        devices=devices,
+        dtypes=dtypes,
+        auto_devices=_CUDA_ONLY if auto else frozenset(),
+        available=available,
+        supports=supports,
+    )

@@ -23,8 +23,17 @@ from ..models.embedding_config import DEFAULT_LORA_TARGETS
 from ..models.embedding_io import ArgumentError
 from ..prompts import get_template
 
-__all__ = ["TrainConfig", "DEMO_EPOCHS", "DEMO_LR", "STAGE2_LR_FACTOR", "TRAIN_OUTPUT_ENTRIES", "check_config",
-           "resolve_device", "peak_lr", "autocast_for"]
+__all__ = [
+    "TrainConfig",
+    "DEMO_EPOCHS",
+    "DEMO_LR",
+    "STAGE2_LR_FACTOR",
+    "TRAIN_OUTPUT_ENTRIES",
+    "check_config",
+    "resolve_device",
+    "peak_lr",
+    "autocast_for",
+]
 
 #: Defaults for the tiny random model, tuned so the no-argument demo shows clear gains on CPU in
 #: well under a minute: epochs of (stage 1, stage 2) and the peak learning rate.
@@ -135,8 +144,12 @@ def check_config(cfg: TrainConfig, model) -> None:
     if cfg.template is not None:
         get_template(cfg.template)  # an unknown name fails here, not after loading the model
     if cfg.pooling is not None and (cfg.model is None or model is not None):
-        raise ArgumentError("pooling", cfg.pooling, "{arg} is the pooling of a checkpoint loaded with --model; "
-                            "the tiny random model (no --model) and an in-memory model have their own")
+        raise ArgumentError(
+            "pooling",
+            cfg.pooling,
+            "{arg} is the pooling of a checkpoint loaded with --model; "
+            "the tiny random model (no --model) and an in-memory model have their own",
+        )
     if cfg.output:
         check_replaceable(cfg.output, TRAIN_OUTPUT_ENTRIES)
 

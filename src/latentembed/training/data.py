@@ -81,37 +81,26 @@ def _parse_row(row: object, where: str) -> TrainingExample:
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
     unknown = sorted(set(row) - set(ALLOWED_FIELDS))
     if unknown:
-        raise ValueError(
-            f"{where}: unknown field(s) {unknown}; allowed fields are {list(ALLOWED_FIELDS)}"
-        )
+        raise ValueError(f"{where}: unknown field(s) {unknown}; allowed fields are {list(ALLOWED_FIELDS)}")
     for name in ("query", "positive"):
         if name not in row:
             raise ValueError(f"{where}: missing required field {name!r} (a non-empty string)")
         value = row[name]
         if not isinstance(value, str) or not value.strip():
-            raise ValueError(
-                f"{where}: field {name!r} must be a non-empty string, got {value!r:.80}"
-            )
+            raise ValueError(f"{where}: field {name!r} must be a non-empty string, got {value!r:.80}")
     negatives = row.get("negatives", [])
     if negatives is None:
         negatives = []
     if not isinstance(negatives, list):
-        raise ValueError(
-            f"{where}: field 'negatives' must be a list of strings, got {type(negatives).__name__}"
-        )
+        raise ValueError(f"{where}: field 'negatives' must be a list of strings, got {type(negatives).__name__}")
     for i, neg in enumerate(negatives):
         if not isinstance(neg, str) or not neg.strip():
-            raise ValueError(
-                f"{where}: field 'negatives' must be a list of non-empty strings, "
-                f"item {i} is {neg!r:.80}"
-            )
+            raise ValueError(f"{where}: field 'negatives' must be a list of non-empty strings, item {i} is {neg!r:.80}")
     optional: dict[str, str | None] = {}
     for name in ("task", "instruction"):
         value = row.get(name)
         if value is not None and not isinstance(value, str):
-            raise ValueError(
-                f"{where}: field {name!r} must be a string or null, got {type(value).__name__}"
-            )
+            raise ValueError(f"{where}: field {name!r} must be a string or null, got {type(value).__name__}")
         optional[name] = value
     return TrainingExample(
         query=row["query"],
@@ -145,8 +134,7 @@ def bundled_path(name: str) -> pathlib.Path:
     path = pathlib.Path(str(resource))
     if not path.is_file():
         raise FileNotFoundError(
-            f"bundled dataset {name!r} not found at {path}; was the package installed "
-            "without its package data?"
+            f"bundled dataset {name!r} not found at {path}; was the package installed without its package data?"
         )
     return path
 
@@ -231,11 +219,7 @@ def write_beir_files(
     write(paths["queries"], ({"_id": k, "text": v} for k, v in queries.items()))
     write(
         paths["qrels"],
-        (
-            {"query-id": q, "corpus-id": d, "score": s}
-            for q, docs in qrels.items()
-            for d, s in docs.items()
-        ),
+        ({"query-id": q, "corpus-id": d, "score": s} for q, docs in qrels.items() for d, s in docs.items()),
     )
     return paths
 

@@ -64,12 +64,16 @@ class DistContext:
             self.dist.destroy_process_group()
 
 
-def wrap_data_parallel(model: nn.Module, device: torch.device, dist: DistContext, *,
-                       find_unused_parameters: bool) -> nn.Module:
+def wrap_data_parallel(
+    model: nn.Module, device: torch.device, dist: DistContext, *, find_unused_parameters: bool
+) -> nn.Module:
     """``model`` itself with one process, else ``model`` in DDP (the forward must go through
     the returned module for DDP to see it); ``find_unused_parameters``: some step may leave a
     trainable parameter unused."""
     if not dist.on:
         return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                               find_unused_parameters=find_unused_parameters)
+    return nn.parallel.DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters,
+    )

@@ -43,27 +43,48 @@ class QueryPromptEncoder:
         for i, t in enumerate(texts):
             groups.setdefault(self.prompts[t] if side == "query" else (self.doc_task, None), []).append(i)
         for (task, instruction), idx in groups.items():
-            emb = self.model.encode([texts[i] for i in idx], task=task, instruction=instruction,
-                                    batch_size=batch_size, max_length=self.max_length, **kwargs)
+            emb = self.model.encode(
+                [texts[i] for i in idx],
+                task=task,
+                instruction=instruction,
+                batch_size=batch_size,
+                max_length=self.max_length,
+                **kwargs,
+            )
             for i, e in zip(idx, emb):
                 out[i] = e
         return torch.stack(out)
 
 
-def evaluate_held_out(model: EmbeddingModel, held_out: Sequence[TrainingExample], *, max_length: int,
-                      default_task: Optional[str], doc_task: Optional[str],
-                      autocast: Optional[ContextManager] = None) -> dict:
+def evaluate_held_out(
+    model: EmbeddingModel,
+    held_out: Sequence[TrainingExample],
+    *,
+    max_length: int,
+    default_task: Optional[str],
+    doc_task: Optional[str],
+    autocast: Optional[ContextManager] = None,
+) -> dict:
     """nDCG@10, MRR@10, recall@10, recall@1 and the query and document counts of retrieval on
     the ``held_out`` rows (queries with their row's prompt, or ``default_task``'s)."""
     corpus, queries, qrels = retrieval_eval_set(held_out)
     prompts = {ex.query: (row_task(ex, default_task), ex.instruction) for ex in held_out}
     with autocast if autocast is not None else nullcontext():
-        scores = evaluate_retrieval(QueryPromptEncoder(model, prompts, max_length, doc_task), corpus, queries, qrels,
-                                    k_values=(1, 10), batch_size=64, query_kwargs={"side": "query"})
+        scores = evaluate_retrieval(
+            QueryPromptEncoder(model, prompts, max_length, doc_task),
+            corpus,
+            queries,
+            qrels,
+            k_values=(1, 10),
+            batch_size=64,
+            query_kwargs={"side": "query"},
+        )
     return {k: v for k, v in scores.items() if k in REPORTED}
 
 
 def format_eval(m: dict) -> str:
     """One line of :func:`evaluate_held_out`'s metrics."""
-    return (f"nDCG@10 {m['ndcg@10']:.4f}  MRR@10 {m['mrr@10']:.4f}  recall@10 {m['recall@10']:.4f}  "
-            f"({m['num_queries']} queries, {m['num_docs']} docs)")
+    return (
+        f"nDCG@10 {m['ndcg@10']:.4f}  MRR@10 {m['mrr@10']:.4f}  recall@10 {m['recall@10']:.4f}  "
+        f"({m['num_queries']} queries, {m['num_docs']} docs)"
+    )

@@ -51,8 +51,16 @@ def make_stage(run: TrainingRun, plan: StagePlan) -> Stage:
     return Stage(plan=plan, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler)
 
 
-def stage_batches(rows: Sequence[TrainingExample], total: int, state: LoopState, *, batch_size: int, seed: int,
-                  rank: int, world_size: int) -> Iterator[list[TrainingExample]]:
+def stage_batches(
+    rows: Sequence[TrainingExample],
+    total: int,
+    state: LoopState,
+    *,
+    batch_size: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> Iterator[list[TrainingExample]]:
     """This rank's batches from ``state`` on until ``state.step`` reaches ``total``: epoch after
     epoch, each in the order :func:`batch_examples` gives for (seed, epoch, rank). ``state``
     moves to the next batch's (epoch, batch) as a batch is handed out; the caller counts
@@ -85,8 +93,9 @@ def run_stage(run: TrainingRun, plan: StagePlan, state: LoopState, loss_history:
     run.module.train()
     tokens, t_log = 0, time.perf_counter()
     t_stage = t_log
-    for batch in stage_batches(plan.rows, plan.steps, state, batch_size=cfg.batch_size, seed=cfg.seed,
-                               rank=dist.rank, world_size=dist.world):
+    for batch in stage_batches(
+        plan.rows, plan.steps, state, batch_size=cfg.batch_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world
+    ):
         out = train_step(run, stage, batch)
         state.step += 1
         state.global_step += 1
@@ -95,13 +104,21 @@ def run_stage(run: TrainingRun, plan: StagePlan, state: LoopState, loss_history:
         loss_history.append(entry)
         if state.step % cfg.log_every == 0 or state.step == plan.steps or state.step == 1:
             elapsed = time.perf_counter() - t_log
-            run.say(f"stage {plan.number} step {state.step:4d}/{plan.steps} loss {entry['loss']:.4f} "
-                    f"lr {out.lr:.2e} "
-                    f"tok/s {tokens * dist.world / max(elapsed, 1e-9):,.0f} mem {memory_report(run.device)}")
+            run.say(
+                f"stage {plan.number} step {state.step:4d}/{plan.steps} loss {entry['loss']:.4f} "
+                f"lr {out.lr:.2e} "
+                f"tok/s {tokens * dist.world / max(elapsed, 1e-9):,.0f} mem {memory_report(run.device)}"
+            )
             tokens, t_log = 0, time.perf_counter()
-    return {"stage": plan.number, "rows": len(plan.rows), "steps": plan.steps, "epochs_started": state.epochs_started(),
-            "in_batch_negatives": plan.in_batch_negatives, "hard_negatives": cfg.hard_negatives,
-            "seconds": time.perf_counter() - t_stage}
+    return {
+        "stage": plan.number,
+        "rows": len(plan.rows),
+        "steps": plan.steps,
+        "epochs_started": state.epochs_started(),
+        "in_batch_negatives": plan.in_batch_negatives,
+        "hard_negatives": cfg.hard_negatives,
+        "seconds": time.perf_counter() - t_stage,
+    }
 
 
 def run_stages(run: TrainingRun, stages: Sequence[StagePlan], state: LoopState, result: dict) -> None:

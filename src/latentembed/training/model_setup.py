@@ -23,8 +23,7 @@ from .distributed import DistContext
 from .plan import RunData, check_prompts
 from .tiny import tiny_model, train_tokenizer, vocabulary_texts
 
-__all__ = ["load_model", "choose_template", "check_run_prompts", "build_tiny_model", "adapter_names",
-           "set_trainable"]
+__all__ = ["load_model", "choose_template", "check_run_prompts", "build_tiny_model", "adapter_names", "set_trainable"]
 
 
 def load_model(cfg: TrainConfig, model: Optional[EmbeddingModel]) -> Optional[EmbeddingModel]:
@@ -38,8 +37,10 @@ def load_model(cfg: TrainConfig, model: Optional[EmbeddingModel]) -> Optional[Em
         return None
     path = Path(cfg.model)
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--model {cfg.model!r}: expected a model directory with config.json "
-                                "(latentembed, NV-Embed-style or plain HF decoder checkpoint)")
+        raise FileNotFoundError(
+            f"--model {cfg.model!r}: expected a model directory with config.json "
+            "(latentembed, NV-Embed-style or plain HF decoder checkpoint)"
+        )
     model = EmbeddingModel.from_pretrained(path, pooling=cfg.pooling)
     if model.tokenizer is None:
         raise FileNotFoundError(f"--model {cfg.model!r} has no tokenizer.json")
@@ -61,8 +62,9 @@ def choose_template(cfg: TrainConfig, model: Optional[EmbeddingModel]) -> tuple[
     return cfg, template
 
 
-def check_run_prompts(cfg: TrainConfig, model: Optional[EmbeddingModel], template: PromptTemplate,
-                      data: RunData) -> None:
+def check_run_prompts(
+    cfg: TrainConfig, model: Optional[EmbeddingModel], template: PromptTemplate, data: RunData
+) -> None:
     """Resolve ``cfg.doc_task`` and every row's prompt with the model (or, before the tiny
     model exists, the template), so that an unknown task fails before any training."""
     resolve = model.resolve if model is not None else (lambda t, i: resolve_prompt(template, task=t, instruction=i))
@@ -92,16 +94,22 @@ def adapter_names(template: PromptTemplate, tasks: set) -> list[str]:
     return mapped or ["default"]
 
 
-def set_trainable(model: EmbeddingModel, cfg: TrainConfig, *, full: bool, template: PromptTemplate,
-                  data: RunData) -> None:
+def set_trainable(
+    model: EmbeddingModel, cfg: TrainConfig, *, full: bool, template: PromptTemplate, data: RunData
+) -> None:
     """Choose what trains. ``full``: every weight (the token embeddings only with
     ``cfg.train_embeddings``). Else LoRA: adapters for the tasks in use are added (unless the
     model has some) and train with the pooling head; the base stays frozen."""
     if not full:
         tasks = {ex.task for ex in data.stage1 + data.stage2} | {cfg.default_task, cfg.doc_task}
         if model.config.lora is None:
-            model.add_adapters(adapter_names(template, tasks), rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                               dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets))
+            model.add_adapters(
+                adapter_names(template, tasks),
+                rank=cfg.lora_rank,
+                alpha=cfg.lora_alpha,
+                dropout=cfg.lora_dropout,
+                target_modules=list(cfg.lora_targets),
+            )
         # The base stays frozen; the adapters train, and so does a pooling head with weights
         # (NV-Embed trains its latent-attention block fully alongside the LoRA backbone).
         for name, p in model.named_parameters():

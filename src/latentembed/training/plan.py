@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .config import DEMO_EPOCHS, STAGE2_LR_FACTOR, TrainConfig
-from .data import (TrainingExample, batch_examples, bundled_examples, read_examples, repeated_rows_report,
-                   split_examples)
+from .data import TrainingExample, batch_examples, bundled_examples, read_examples, repeated_rows_report, split_examples
 
 __all__ = ["RunData", "StagePlan", "load_rows", "load_run_data", "row_task", "check_prompts", "plan_stages"]
 
@@ -61,12 +60,16 @@ def load_rows(path: Optional[str], bundled: str) -> tuple[list[TrainingExample],
     if path is None:
         return bundled_examples(bundled), f"bundled:{bundled}"
     if not Path(path).is_file():
-        raise FileNotFoundError(f"data file {path!r} not found (expected JSONL rows with query, positive, "
-                                "negatives and an optional task / instruction)")
+        raise FileNotFoundError(
+            f"data file {path!r} not found (expected JSONL rows with query, positive, "
+            "negatives and an optional task / instruction)"
+        )
     examples = read_examples(path)
     if not examples:
-        raise ValueError(f"{path}: no rows (the file is empty or holds only blank lines); expected JSONL rows "
-                         "with query, positive, negatives and an optional task / instruction")
+        raise ValueError(
+            f"{path}: no rows (the file is empty or holds only blank lines); expected JSONL rows "
+            "with query, positive, negatives and an optional task / instruction"
+        )
     return examples, str(path)
 
 
@@ -86,8 +89,15 @@ def load_run_data(cfg: TrainConfig, rank: int) -> RunData:
             # Attributed to the caller of train(): train -> _run -> load_run_data -> here.
             warnings.warn(f"training data: {repeats}", stacklevel=4)
     train1, held_out = split_examples(stage1, cfg.eval_fraction if cfg.eval else 0.0, seed=cfg.seed)
-    return RunData(stage1=stage1, source1=source1, stage2=stage2, source2=source2, train1=train1,
-                   held_out=held_out, stage2_rows=train1 + stage2 if stage2 else [])
+    return RunData(
+        stage1=stage1,
+        source1=source1,
+        stage2=stage2,
+        source2=source2,
+        train1=train1,
+        held_out=held_out,
+        stage2_rows=train1 + stage2 if stage2 else [],
+    )
 
 
 def row_task(ex: TrainingExample, default_task: Optional[str]) -> Optional[str]:
@@ -96,8 +106,9 @@ def row_task(ex: TrainingExample, default_task: Optional[str]) -> Optional[str]:
     return ex.task if ex.task is not None or ex.instruction is not None else default_task
 
 
-def check_prompts(examples: Sequence[TrainingExample], source: Optional[str], resolve: Callable,
-                  default_task: Optional[str]) -> None:
+def check_prompts(
+    examples: Sequence[TrainingExample], source: Optional[str], resolve: Callable, default_task: Optional[str]
+) -> None:
     """Resolve every row's prompt once (``resolve(task, instruction)``), so an unknown task
     fails before any training; the error names the row (``file:line``)."""
     for i, ex in enumerate(examples):
@@ -113,13 +124,16 @@ def _check_own_negatives(rows: Sequence[TrainingExample]) -> None:
     (a negative equal to the row's positive does not count)."""
     for i, ex in enumerate(rows):
         if not any(n != ex.positive for n in ex.negatives):
-            raise ValueError(f"{ex.where or f'stage-2 row {i + 1}'}: no hard negative (besides its positive), "
-                             "and stage 2 (the stage-1 training rows plus --stage2-data) scores each query against "
-                             "its own hard negatives only; add negatives to the row, or pass --stage2-data none")
+            raise ValueError(
+                f"{ex.where or f'stage-2 row {i + 1}'}: no hard negative (besides its positive), "
+                "and stage 2 (the stage-1 training rows plus --stage2-data) scores each query against "
+                "its own hard negatives only; add negatives to the row, or pass --stage2-data none"
+            )
 
 
-def plan_stages(cfg: TrainConfig, data: RunData, *, tiny: bool, lr: float, rank: int,
-                world_size: int) -> list[StagePlan]:
+def plan_stages(
+    cfg: TrainConfig, data: RunData, *, tiny: bool, lr: float, rank: int, world_size: int
+) -> list[StagePlan]:
     """The stages to run (stage 2 only with stage-2 rows and steps), their lengths (``steps``,
     else epochs of this rank's batches) and peak learning rates; made, and so checked, before
     any model exists (too few rows for a global batch, stage-2 rows without hard negatives)."""
@@ -130,17 +144,27 @@ def plan_stages(cfg: TrainConfig, data: RunData, *, tiny: bool, lr: float, rank:
     s2_steps = cfg.stage2_steps if cfg.stage2_steps is not None else cfg.steps
     if data.stage2_rows and s2_steps != 0:
         if cfg.hard_negatives == 0:
-            raise ValueError("stage 2 scores each query against its own hard negatives only: with "
-                             "hard_negatives=0 its loss is 0; pass --hard-negatives >= 1 or --stage2-data none")
+            raise ValueError(
+                "stage 2 scores each query against its own hard negatives only: with "
+                "hard_negatives=0 its loss is 0; pass --hard-negatives >= 1 or --stage2-data none"
+            )
         _check_own_negatives(data.stage2_rows)
         stages.append((2, data.stage2_rows, False, epochs2, s2_steps, lr2))
     plan = []
     for number, rows, in_batch, n_epochs, steps, stage_lr in stages:
-        per_epoch = len(batch_examples(rows, cfg.batch_size, seed=cfg.seed, epoch=0, rank=rank,
-                                       world_size=world_size))
+        per_epoch = len(batch_examples(rows, cfg.batch_size, seed=cfg.seed, epoch=0, rank=rank, world_size=world_size))
         if per_epoch == 0:
-            raise ValueError(f"stage {number}: {len(rows)} training rows, fewer than one global batch of "
-                             f"--batch-size {cfg.batch_size} x {world_size} rank(s); lower --batch-size")
-        plan.append(StagePlan(number=number, rows=rows, in_batch_negatives=in_batch,
-                              steps=steps if steps is not None else n_epochs * per_epoch, lr=stage_lr))
+            raise ValueError(
+                f"stage {number}: {len(rows)} training rows, fewer than one global batch of "
+                f"--batch-size {cfg.batch_size} x {world_size} rank(s); lower --batch-size"
+            )
+        plan.append(
+            StagePlan(
+                number=number,
+                rows=rows,
+                in_batch_negatives=in_batch,
+                steps=steps if steps is not None else n_epochs * per_epoch,
+                lr=stage_lr,
+            )
+        )
     return plan

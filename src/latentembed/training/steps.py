@@ -40,24 +40,33 @@ def hard_negatives(batch: Sequence[TrainingExample], k: int, borrow: bool = True
         negs = list(dict.fromkeys(n for n in ex.negatives if n != ex.positive))[:k]
         if borrow:
             others = dict.fromkeys(batch[(i + j) % len(batch)].positive for j in range(1, len(batch)))
-            negs += [t for t in others if t != ex.positive and t not in negs][:k - len(negs)]
+            negs += [t for t in others if t != ex.positive and t not in negs][: k - len(negs)]
         if not negs:
-            raise ValueError(f"{ex.where or 'a row'}: no hard negative"
-                             f"{'' if not borrow else ' and its batch no other positive'} "
-                             f"to use (stage {'1' if borrow else '2'}): {ex.query!r:.60}")
+            raise ValueError(
+                f"{ex.where or 'a row'}: no hard negative"
+                f"{'' if not borrow else ' and its batch no other positive'} "
+                f"to use (stage {'1' if borrow else '2'}): {ex.query!r:.60}"
+            )
         base = list(negs)
         negs += [base[j % len(base)] for j in range(k - len(negs))]
         out.append(negs)
     return out
 
 
-def embed_texts(run: TrainingRun, texts: Sequence[str], prefixes: Sequence[str],
-                adapters: Sequence[Optional[str]]) -> tuple[torch.Tensor, int]:
+def embed_texts(
+    run: TrainingRun, texts: Sequence[str], prefixes: Sequence[str], adapters: Sequence[Optional[str]]
+) -> tuple[torch.Tensor, int]:
     """(embeddings [N, D], number of tokens) of N texts with per-text prompt prefixes and
     adapters (None: the base weights), packed into one forward through ``run.module``."""
     model = run.model
-    tokenized = tokenize_with_prompts(model.tokenizer, texts, prefixes, max_length=run.cfg.max_length,
-                                      add_eos=model.config.add_eos, mask_instruction=model.config.mask_instruction)
+    tokenized = tokenize_with_prompts(
+        model.tokenizer,
+        texts,
+        prefixes,
+        max_length=run.cfg.max_length,
+        add_eos=model.config.add_eos,
+        mask_instruction=model.config.mask_instruction,
+    )
     batch = pack_sequences(tokenized.input_ids, tokenized.pool_mask).to(run.device)
     tasks = None if not model.adapter_names else [a if a is not None else "base" for a in adapters]
     args, kwargs = model.batch_inputs(batch)  # called through ``module``: DDP must see the forward
@@ -85,8 +94,8 @@ def batch_loss(run: TrainingRun, stage: Stage, batch: Sequence[TrainingExample])
     texts = queries + docs
     emb, tokens = embed_texts(run, texts, q_prefixes + [d_prefix] * len(docs), q_adapters + [d_adapter] * len(docs))
     emb = emb.float()
-    q, pos = emb[:B], emb[B:2 * B]
-    hard = emb[2 * B:].view(B, k, -1) if k > 0 else None
+    q, pos = emb[:B], emb[B : 2 * B]
+    hard = emb[2 * B :].view(B, k, -1) if k > 0 else None
     doc_ids = torch.tensor([text_id(t) for t in docs], dtype=torch.int64, device=run.device)
     return stage.loss_fn(q, pos, hard_negatives=hard, doc_ids=doc_ids), tokens
 

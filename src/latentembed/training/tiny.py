@@ -16,8 +16,14 @@ from .data import TrainingExample
 __all__ = ["TINY", "TINY_VOCAB", "tiny_model", "train_tokenizer", "vocabulary_texts"]
 
 #: The no-argument demo's model: a tiny random decoder (see :func:`tiny_model`).
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 TINY_VOCAB = 8192
 
 
@@ -35,11 +41,12 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = TINY_VOCAB) -> TextT
     chars = sorted({c for word in counts for c in word})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + chars + ["##" + c for c in chars]
     words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
-    vocab += words[:max(vocab_size - len(vocab), 0)]
+    vocab += words[: max(vocab_size - len(vocab), 0)]
     tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.WordPiece()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
     return TextTokenizer(tok, bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]")
 
 
@@ -54,5 +61,6 @@ def vocabulary_texts(examples: Sequence[TrainingExample], template="e5") -> list
 def tiny_model(tokenizer: TextTokenizer, *, template: str = "e5", max_length: int = 128, **sizes) -> EmbeddingModel:
     """A randomly initialised tiny :class:`EmbeddingModel` (mean pooling, ``TINY`` sizes)."""
     cfg = DecoderConfig(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id, **{**TINY, **sizes})
-    return EmbeddingModel(cfg, EmbeddingConfig(pooling="mean", prompt_template=template, max_length=max_length),
-                          tokenizer=tokenizer)
+    return EmbeddingModel(
+        cfg, EmbeddingConfig(pooling="mean", prompt_template=template, max_length=max_length), tokenizer=tokenizer
+    )

@@ -63,8 +63,14 @@ def train(config: TrainConfig, model: Optional[EmbeddingModel] = None) -> dict:
         dist.close()
 
 
-def _run(cfg: TrainConfig, model: Optional[EmbeddingModel], device: torch.device, dist: DistContext,
-         say: Callable[..., None], t_start: float) -> dict:
+def _run(
+    cfg: TrainConfig,
+    model: Optional[EmbeddingModel],
+    device: torch.device,
+    dist: DistContext,
+    say: Callable[..., None],
+    t_start: float,
+) -> dict:
     """The steps of :func:`train`, in order; every check the data allows comes before the model."""
     check_config(cfg, model)  # 1. nothing read yet
     tiny = model is None and cfg.model is None
@@ -83,8 +89,12 @@ def _run(cfg: TrainConfig, model: Optional[EmbeddingModel], device: torch.device
     full = tiny if cfg.full is None else cfg.full
     set_trainable(model, cfg, full=full, template=template, data=data)
     run = _build_run(cfg, model, device, dist, say, full)  # 4. device, DDP
-    result: dict = {"loss_history": [], "stages": [], "trainable_params": sum(p.numel() for p in run.params),
-                    "total_params": sum(p.numel() for p in model.parameters())}
+    result: dict = {
+        "loss_history": [],
+        "stages": [],
+        "trainable_params": sum(p.numel() for p in run.params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+    }
     say(_describe(run, data, result, tiny=tiny, lr=lr))
 
     # 5. Evaluate, train every stage, evaluate; 6. save.
@@ -107,8 +117,14 @@ def _run(cfg: TrainConfig, model: Optional[EmbeddingModel], device: torch.device
     return result
 
 
-def _build_run(cfg: TrainConfig, model: EmbeddingModel, device: torch.device, dist: DistContext,
-               say: Callable[..., None], full: bool) -> TrainingRun:
+def _build_run(
+    cfg: TrainConfig,
+    model: EmbeddingModel,
+    device: torch.device,
+    dist: DistContext,
+    say: Callable[..., None],
+    full: bool,
+) -> TrainingRun:
     """The model on its device (gradient checkpointing when asked), its trainable parameters,
     the autocast of its forward and its data-parallel wrapper."""
     model.to(device)
@@ -121,31 +137,51 @@ def _build_run(cfg: TrainConfig, model: EmbeddingModel, device: torch.device, di
     # A layer's adapters are one stacked parameter, so one adapter trains them all; only a
     # batch whose rows all run the base weights (multi-adapter models) leaves them unused.
     module = wrap_data_parallel(model, device, dist, find_unused_parameters=not full and len(model.adapter_names) > 1)
-    return TrainingRun(cfg=cfg, device=device, dist=dist, model=model, module=module, params=params, full=full,
-                       bf16=bf16, autocast=autocast, say=say)
+    return TrainingRun(
+        cfg=cfg,
+        device=device,
+        dist=dist,
+        model=model,
+        module=module,
+        params=params,
+        full=full,
+        bf16=bf16,
+        autocast=autocast,
+        say=say,
+    )
 
 
 def _describe(run: TrainingRun, data: RunData, result: dict, *, tiny: bool, lr: float) -> str:
     """The run's first log line: data, model, what trains, device, precision, ranks, lr."""
     cfg, model = run.cfg, run.model
-    return (f"latentembed train: {data.source1} ({len(data.train1)} train / {len(data.held_out)} held-out rows)"
-            + (f", stage 2 {data.source2} (+{len(data.stage2)} rows)" if data.stage2_rows else "")
-            + f"; model {'tiny random' if tiny else cfg.model or 'in memory'} "
-            + f"({'full' if run.full else 'LoRA ' + ','.join(model.adapter_names)}: "
-            f"{result['trainable_params']:,} of {result['total_params']:,} params trainable); {run.device}, "
-            f"{'bf16 autocast' if run.bf16 else 'fp32'}, world {run.dist.world}, lr {lr:g}")
+    return (
+        f"latentembed train: {data.source1} ({len(data.train1)} train / {len(data.held_out)} held-out rows)"
+        + (f", stage 2 {data.source2} (+{len(data.stage2)} rows)" if data.stage2_rows else "")
+        + f"; model {'tiny random' if tiny else cfg.model or 'in memory'} "
+        + f"({'full' if run.full else 'LoRA ' + ','.join(model.adapter_names)}: "
+        f"{result['trainable_params']:,} of {result['total_params']:,} params trainable); {run.device}, "
+        f"{'bf16 autocast' if run.bf16 else 'fp32'}, world {run.dist.world}, lr {lr:g}"
+    )
 
 
 def _evaluate(run: TrainingRun, data: RunData) -> dict:
     """Retrieval metrics of the model on the held-out rows (rank 0 only)."""
     cfg = run.cfg
-    return evaluate_held_out(run.model, data.held_out, max_length=cfg.max_length, default_task=cfg.default_task,
-                             doc_task=cfg.doc_task, autocast=run.autocast())
+    return evaluate_held_out(
+        run.model,
+        data.held_out,
+        max_length=cfg.max_length,
+        default_task=cfg.default_task,
+        doc_task=cfg.doc_task,
+        autocast=run.autocast(),
+    )
 
 
 def _compare_evals(b: dict, a: dict) -> str:
-    return (f"held-out retrieval: nDCG@10 {b['ndcg@10']:.3f} -> {a['ndcg@10']:.3f}, "
-            f"MRR@10 {b['mrr@10']:.3f} -> {a['mrr@10']:.3f}, recall@10 {b['recall@10']:.3f} -> {a['recall@10']:.3f}")
+    return (
+        f"held-out retrieval: nDCG@10 {b['ndcg@10']:.3f} -> {a['ndcg@10']:.3f}, "
+        f"MRR@10 {b['mrr@10']:.3f} -> {a['mrr@10']:.3f}, recall@10 {b['recall@10']:.3f} -> {a['recall@10']:.3f}"
+    )
 
 
 def _save_run(run: TrainingRun, result: dict) -> None:

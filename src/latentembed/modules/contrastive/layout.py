@@ -81,19 +81,21 @@ def _check_like_queries(name: str, x: torch.Tensor, queries: torch.Tensor) -> No
     checks.check_same_device(name, x, "queries", queries)
     if x.dtype != queries.dtype:
         # Casting silently would hide a copy of every document and a precision change.
-        raise TypeError(f"{name} must have the dtype of queries ({queries.dtype}), got {x.dtype}; "
-                        "cast one of them explicitly")
+        raise TypeError(
+            f"{name} must have the dtype of queries ({queries.dtype}), got {x.dtype}; cast one of them explicitly"
+        )
 
 
-def check_inputs(queries, documents, pos_index, *, hard_negatives, doc_owner, doc_ids,
-                 options: InfoNCEOptions) -> int:
+def check_inputs(queries, documents, pos_index, *, hard_negatives, doc_owner, doc_ids, options: InfoNCEOptions) -> int:
     """Shapes, dtypes and devices of every input tensor, for its layout; returns N, the number
     of documents (positives and negatives together)."""
     check_embeddings("queries", queries, 2, "[B, D]")
     check_embeddings("documents", documents, 2, "[N, D] (or positives [B, D] with hard_negatives)")
     if documents.shape[1] != queries.shape[1]:
-        raise ValueError(f"queries [B, D] and documents [N, D] must have the same D, got queries "
-                         f"{tuple(queries.shape)} and documents {tuple(documents.shape)}")
+        raise ValueError(
+            f"queries [B, D] and documents [N, D] must have the same D, got queries "
+            f"{tuple(queries.shape)} and documents {tuple(documents.shape)}"
+        )
     _check_like_queries("documents", documents, queries)
     B, D = queries.shape
     if hard_negatives is not None:
@@ -102,7 +104,8 @@ def check_inputs(queries, documents, pos_index, *, hard_negatives, doc_owner, do
             raise ValueError(
                 f"with hard_negatives [B, k, D], documents must be the positives [B, D] = ({B}, {D}) "
                 f"and hard_negatives ({B}, k, {D}); got documents {tuple(documents.shape)}, "
-                f"hard_negatives {tuple(hard_negatives.shape)}")
+                f"hard_negatives {tuple(hard_negatives.shape)}"
+            )
         _check_like_queries("hard_negatives", hard_negatives, queries)
         if pos_index is not None or doc_owner is not None:
             raise ValueError("pos_index and doc_owner are implied by hard_negatives [B, k, D]; pass neither")
@@ -112,7 +115,8 @@ def check_inputs(queries, documents, pos_index, *, hard_negatives, doc_owner, do
         if N % B:
             raise ValueError(
                 f"without pos_index, documents must be B positives followed by B*k hard negatives "
-                f"(N a multiple of B = {B}), got N = {N}; pass pos_index [B] for another layout")
+                f"(N a multiple of B = {B}), got N = {N}; pass pos_index [B] for another layout"
+            )
         if doc_owner is not None:
             raise ValueError("doc_owner is implied by the positives-then-negatives layout; pass pos_index with it")
     else:
@@ -122,15 +126,18 @@ def check_inputs(queries, documents, pos_index, *, hard_negatives, doc_owner, do
             raise ValueError("doc_owner only applies with in_batch_negatives=False")
         if not options.in_batch_negatives:
             if doc_owner is None:
-                raise ValueError("in_batch_negatives=False with an explicit pos_index needs doc_owner [N]: the "
-                                 "query (row of queries) owning each document, -1 for none")
+                raise ValueError(
+                    "in_batch_negatives=False with an explicit pos_index needs doc_owner [N]: the "
+                    "query (row of queries) owning each document, -1 for none"
+                )
             checks.check_index("doc_owner", doc_owner, N, "[N]", "queries", queries)
     checks.check_index("doc_ids", doc_ids, N, "[N] (concatenated documents)", "queries", queries)
     return N
 
 
-def resolve_candidates(queries, documents, pos_index, *, hard_negatives, doc_owner, doc_ids,
-                       options: InfoNCEOptions) -> Candidates:
+def resolve_candidates(
+    queries, documents, pos_index, *, hard_negatives, doc_owner, doc_ids, options: InfoNCEOptions
+) -> Candidates:
     """The generic structure of any (checked) layout."""
     B, D = queries.shape
     arange = torch.arange(B, device=queries.device)
@@ -160,8 +167,15 @@ def split_owned(x: torch.Tensor, B: int, order: str) -> tuple[torch.Tensor, torc
     return x[:B], rest.unflatten(0, (B, k))
 
 
-def resolve_owned(documents, *, hard_negatives, doc_ids, B: int, options: InfoNCEOptions,
-                  normalize: Callable[[torch.Tensor], torch.Tensor]) -> OwnedCandidates:
+def resolve_owned(
+    documents,
+    *,
+    hard_negatives,
+    doc_ids,
+    B: int,
+    options: InfoNCEOptions,
+    normalize: Callable[[torch.Tensor], torch.Tensor],
+) -> OwnedCandidates:
     """Positives, own negatives (normalised by ``normalize``) and duplicates of a layout
     without pos_index (the layout implies which documents each query owns)."""
     if hard_negatives is None:

@@ -39,8 +39,7 @@ def _compute_dtype(queries: torch.Tensor) -> torch.dtype:
     return torch.promote_types(queries.dtype, torch.float32)
 
 
-def _check_positives(values: checks.ValueChecks, pos_index: Optional[torch.Tensor], N: int,
-                     distinct: bool) -> None:
+def _check_positives(values: checks.ValueChecks, pos_index: Optional[torch.Tensor], N: int, distinct: bool) -> None:
     """pos_index in [0, N) and, where ``distinct`` (doc_doc puts each positive at its query's
     row), no positive shared by two queries: probes for the one host read of ``values``."""
     values.index_range("pos_index", pos_index, N, note=f" (documents has {N} rows)")
@@ -54,8 +53,9 @@ def _check_positives(values: checks.ValueChecks, pos_index: Optional[torch.Tenso
         values.add([(ordered[1:] == ordered[:-1]).any()], check)
 
 
-def _reduce(loss: torch.Tensor, n_above: torch.Tensor, reduction: str,
-            return_stats: bool) -> Union[torch.Tensor, InfoNCEOutput]:
+def _reduce(
+    loss: torch.Tensor, n_above: torch.Tensor, reduction: str, return_stats: bool
+) -> Union[torch.Tensor, InfoNCEOutput]:
     out = loss if reduction == "none" else loss.sum() if reduction == "sum" else loss.mean()
     if not return_stats:
         return out
@@ -91,8 +91,15 @@ def infonce_loss_with_scale(
         torch.Size([])
     """
     options = options if options is not None else InfoNCEOptions()
-    N = check_inputs(queries, documents, pos_index, hard_negatives=hard_negatives, doc_owner=doc_owner,
-                     doc_ids=doc_ids, options=options)
+    N = check_inputs(
+        queries,
+        documents,
+        pos_index,
+        hard_negatives=hard_negatives,
+        doc_owner=doc_owner,
+        doc_ids=doc_ids,
+        options=options,
+    )
     checks.check_tensor("scale", scale)
     if scale.ndim != 0 or not scale.dtype.is_floating_point:
         raise ValueError(f"scale must be a 0-dim floating tensor, got {scale.dtype} {tuple(scale.shape)}")
@@ -176,14 +183,34 @@ def infonce_loss(
         torch.Size([])
     """
     options = InfoNCEOptions(
-        negatives_order=negatives_order, similarity=similarity, in_batch_negatives=in_batch_negatives,
-        symmetric=symmetric, query_query=query_query, doc_doc=doc_doc, threshold=threshold, margin=margin,
-        mask_duplicates=mask_duplicates, reduction=reduction, gather=gather, group=group, same_sizes=same_sizes,
-        backend=backend, validate=validate,
+        negatives_order=negatives_order,
+        similarity=similarity,
+        in_batch_negatives=in_batch_negatives,
+        symmetric=symmetric,
+        query_query=query_query,
+        doc_doc=doc_doc,
+        threshold=threshold,
+        margin=margin,
+        mask_duplicates=mask_duplicates,
+        reduction=reduction,
+        gather=gather,
+        group=group,
+        same_sizes=same_sizes,
+        backend=backend,
+        validate=validate,
     )
     checks.check_tensor("queries", queries)
     values = checks.ValueChecks(enabled=validate)
     scale = scale_from_temperature(temperature, _compute_dtype(queries), queries.device, values)
-    return infonce_loss_with_scale(queries, documents, pos_index, scale=scale, options=options,
-                                   hard_negatives=hard_negatives, doc_owner=doc_owner, doc_ids=doc_ids,
-                                   return_stats=return_stats, value_checks=values)
+    return infonce_loss_with_scale(
+        queries,
+        documents,
+        pos_index,
+        scale=scale,
+        options=options,
+        hard_negatives=hard_negatives,
+        doc_owner=doc_owner,
+        doc_ids=doc_ids,
+        return_stats=return_stats,
+        value_checks=values,
+    )

@@ -36,7 +36,8 @@ def _check_temperatures(temperature: float, temperature_range: tuple[float, floa
         raise ValueError(
             f"temperature_range must lie within [{1 / hi32:.3g}, {1 / lo32:.3g}] so that both ends give a "
             f"normal float32 scale 1 / temperature (the module keeps log(1 / temperature) in float32), "
-            f"got {temperature_range}")
+            f"got {temperature_range}"
+        )
     if learnable and not lo <= temperature <= hi:
         raise ValueError(f"temperature {temperature} must lie in temperature_range {temperature_range}")
 
@@ -70,8 +71,14 @@ class InfoNCELoss(nn.Module):
         >>> loss_fn(q, d).backward()
     """
 
-    def __init__(self, temperature: float = 0.05, *, learnable_temperature: bool = False,
-                 temperature_range: tuple[float, float] = (0.01, 1.0), **options) -> None:
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        *,
+        learnable_temperature: bool = False,
+        temperature_range: tuple[float, float] = (0.01, 1.0),
+        **options,
+    ) -> None:
         super().__init__()
         temperature = float(temperature)
         _check_temperatures(temperature, temperature_range, learnable_temperature)
@@ -98,13 +105,28 @@ class InfoNCELoss(nn.Module):
     def temperature(self) -> float:
         return float(1.0 / self.scale().detach())
 
-    def forward(self, queries: torch.Tensor, documents: torch.Tensor, pos_index: Optional[torch.Tensor] = None, *,
-                hard_negatives: Optional[torch.Tensor] = None, doc_owner: Optional[torch.Tensor] = None,
-                doc_ids: Optional[torch.Tensor] = None,
-                return_stats: bool = False) -> Union[torch.Tensor, InfoNCEOutput]:
-        return infonce_loss_with_scale(queries, documents, pos_index, scale=self.scale(), options=self.options,
-                                       hard_negatives=hard_negatives, doc_owner=doc_owner, doc_ids=doc_ids,
-                                       return_stats=return_stats)
+    def forward(
+        self,
+        queries: torch.Tensor,
+        documents: torch.Tensor,
+        pos_index: Optional[torch.Tensor] = None,
+        *,
+        hard_negatives: Optional[torch.Tensor] = None,
+        doc_owner: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+        return_stats: bool = False,
+    ) -> Union[torch.Tensor, InfoNCEOutput]:
+        return infonce_loss_with_scale(
+            queries,
+            documents,
+            pos_index,
+            scale=self.scale(),
+            options=self.options,
+            hard_negatives=hard_negatives,
+            doc_owner=doc_owner,
+            doc_ids=doc_ids,
+            return_stats=return_stats,
+        )
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.changed().items())

@@ -102,18 +102,25 @@ class InfoNCEOptions:
     @property
     def directions(self) -> tuple[str, ...]:
         """The loss terms these options ask for, keyed by direction (see ``terms.TERMS``)."""
-        extra = [name for name, on in (("query_to_query", self.query_query), ("doc_to_doc", self.doc_doc),
-                                       ("doc_to_query", self.symmetric)) if on]
+        extra = [
+            name
+            for name, on in (
+                ("query_to_query", self.query_query),
+                ("doc_to_doc", self.doc_doc),
+                ("doc_to_query", self.symmetric),
+            )
+            if on
+        ]
         return ("query_to_doc", *extra)
 
     def changed(self) -> dict:
         """The options that differ from their defaults, by name (for a module's repr)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) != f.default}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
 
 
-def check_temperature(temperature: float, acc: torch.dtype,
-                      scale_of: Callable[[float], float] = lambda t: 1.0 / t) -> None:
+def check_temperature(
+    temperature: float, acc: torch.dtype, scale_of: Callable[[float], float] = lambda t: 1.0 / t
+) -> None:
     """``temperature`` > 0 and finite, with its scale (``scale_of(temperature)``, 1 / temperature
     as the caller computes it) a normal ``acc`` number: the logits are ``scores * scale`` in acc
     (float32, or float64 for float64 inputs)."""
@@ -124,19 +131,23 @@ def check_temperature(temperature: float, acc: torch.dtype,
         raise ValueError(
             f"temperature must lie in [{1 / hi:.3g}, {1 / lo:.3g}] so that 1 / temperature is a normal "
             f"{checks.dtype_name(acc)} number (the dtype the logits are computed in), got {temperature:g} "
-            f"(1 / temperature = {1.0 / temperature:g})")
+            f"(1 / temperature = {1.0 / temperature:g})"
+        )
 
 
-def scale_from_temperature(temperature: Union[float, torch.Tensor], acc: torch.dtype, device: torch.device,
-                           values: checks.ValueChecks) -> torch.Tensor:
+def scale_from_temperature(
+    temperature: Union[float, torch.Tensor], acc: torch.dtype, device: torch.device, values: checks.ValueChecks
+) -> torch.Tensor:
     """0-dim ``1 / temperature`` on ``device``: a float is checked now; a tensor's value joins
     ``values`` (read with the other value checks in one host sync) and its scale keeps its
     gradient. float32 at least: every term's scale gradient then sums in float32 and is rounded
     to the temperature's dtype once (a half scale would round each term's part before they cancel)."""
     if isinstance(temperature, torch.Tensor):
         if temperature.ndim != 0 or not temperature.dtype.is_floating_point:
-            raise ValueError(f"temperature must be a float or a 0-dim floating tensor, got "
-                             f"{temperature.dtype} {tuple(temperature.shape)}")
+            raise ValueError(
+                f"temperature must be a float or a 0-dim floating tensor, got "
+                f"{temperature.dtype} {tuple(temperature.shape)}"
+            )
         values.add([temperature], lambda value: check_temperature(value, acc))
         return 1.0 / temperature.to(device=device, dtype=torch.promote_types(temperature.dtype, acc))
     value = float(temperature)

@@ -15,8 +15,9 @@ from .options import InfoNCEOptions
 __all__ = ["owned_loss"]
 
 
-def owned_loss(q: torch.Tensor, owned: OwnedCandidates, scale: torch.Tensor,
-               options: InfoNCEOptions) -> tuple[torch.Tensor, torch.Tensor]:
+def owned_loss(
+    q: torch.Tensor, owned: OwnedCandidates, scale: torch.Tensor, options: InfoNCEOptions
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-query loss [B] and n_above [B] of queries q [B, D] against their owned candidates.
 
     The same candidate rule as the op (:func:`~latentembed.ops.infonce.candidate_mask`) on the

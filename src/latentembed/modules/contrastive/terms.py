@@ -43,26 +43,40 @@ class TermInputs(NamedTuple):
         """The op keywords every term shares. Values were checked once by the loss:
         validate=False saves the op's host syncs."""
         o = self.options
-        return dict(pos_score=self.pos_score, threshold=o.threshold, margin=o.margin, backend=o.backend,
-                    validate=False)
+        return dict(pos_score=self.pos_score, threshold=o.threshold, margin=o.margin, backend=o.backend, validate=False)
 
 
 # Each term returns (per-query loss [B], n_above [B]) as if it were the only one.
+
 
 def query_to_doc(t: TermInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """lse over the documents minus the positive's logit, both from the op: it folds the
     positive into its gradient (p - 1 at the positive, as cross-entropy does) instead of
     cancelling two O(scale) float32 terms here."""
     g = t.gathered
-    return infonce_per_query_loss(t.queries, g.documents, t.scale, pos_index=t.positives, doc_owner=t.owners,
-                                  doc_key=g.doc_keys, **t.rule_options())
+    return infonce_per_query_loss(
+        t.queries,
+        g.documents,
+        t.scale,
+        pos_index=t.positives,
+        doc_owner=t.owners,
+        doc_key=g.doc_keys,
+        **t.rule_options(),
+    )
 
 
 def query_to_query(t: TermInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """s(q_i, q_j) over the other queries; with keys, queries whose positive duplicates d+_i go."""
     g = t.gathered
-    lse, n_above = infonce_lse(t.queries, g.queries, t.scale, exclude_diagonal=True, doc_key=g.query_keys,
-                               pos_key=g.pos_keys, **t.rule_options())
+    lse, n_above = infonce_lse(
+        t.queries,
+        g.queries,
+        t.scale,
+        exclude_diagonal=True,
+        doc_key=g.query_keys,
+        pos_key=g.pos_keys,
+        **t.rule_options(),
+    )
     return lse - t.pos_logit, n_above
 
 
@@ -70,8 +84,15 @@ def doc_to_doc(t: TermInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """s(d+_i, d_j) over every document but d+_i itself (and, with keys, its duplicates);
     pos_key names the positive's key where no pos_index is in the set."""
     g = t.gathered
-    lse, n_above = infonce_lse(t.positive_docs, g.documents, t.scale, exclude_diagonal=True, doc_key=g.doc_keys,
-                               pos_key=g.pos_keys, **t.rule_options())
+    lse, n_above = infonce_lse(
+        t.positive_docs,
+        g.documents,
+        t.scale,
+        exclude_diagonal=True,
+        doc_key=g.doc_keys,
+        pos_key=g.pos_keys,
+        **t.rule_options(),
+    )
     return lse - t.pos_logit, n_above
 
 
@@ -84,8 +105,15 @@ def doc_to_query(t: TermInputs) -> tuple[torch.Tensor, torch.Tensor]:
     q_owner = None
     if t.owners is not None:
         q_owner = torch.cat([arange, arange.new_full((g.queries.shape[0] - B,), -1)])
-    return infonce_per_query_loss(t.positive_docs, g.queries, t.scale, pos_index=arange, doc_owner=q_owner,
-                                  doc_key=g.query_keys, **t.rule_options())
+    return infonce_per_query_loss(
+        t.positive_docs,
+        g.queries,
+        t.scale,
+        pos_index=arange,
+        doc_owner=q_owner,
+        doc_key=g.query_keys,
+        **t.rule_options(),
+    )
 
 
 TERMS: dict[str, Callable[[TermInputs], tuple[torch.Tensor, torch.Tensor]]] = {
@@ -98,8 +126,13 @@ TERMS: dict[str, Callable[[TermInputs], tuple[torch.Tensor, torch.Tensor]]] = {
 JOINT_TERMS = ("query_to_doc", "query_to_query", "doc_to_doc")
 
 
-def candidate_loss(q: torch.Tensor, candidates: Candidates, scale: torch.Tensor, options: InfoNCEOptions,
-                   normalize: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def candidate_loss(
+    q: torch.Tensor,
+    candidates: Candidates,
+    scale: torch.Tensor,
+    options: InfoNCEOptions,
+    normalize: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-query loss [B] and n_above [B] (query_to_doc's rank) of queries q [B, D] (normalised)
     against ``candidates``, every term of ``options.directions`` included."""
     if options.doc_doc:
@@ -114,8 +147,17 @@ def candidate_loss(q: torch.Tensor, candidates: Candidates, scale: torch.Tensor,
             pos_score = RowDot.apply(q, positive_docs).float()
     if options.query_query or options.doc_doc:
         pos_logit = scale * RowDot.apply(q, positive_docs)
-    inputs = TermInputs(q, gather_candidates(q, candidates, options), candidates.positives, positive_docs,
-                        candidates.owners, scale, pos_logit, pos_score, options)
+    inputs = TermInputs(
+        q,
+        gather_candidates(q, candidates, options),
+        candidates.positives,
+        positive_docs,
+        candidates.owners,
+        scale,
+        pos_logit,
+        pos_score,
+        options,
+    )
     losses = {name: TERMS[name](inputs) for name in options.directions}
     loss, n_above = losses["query_to_doc"]
     for name in JOINT_TERMS[1:]:

@@ -75,7 +75,12 @@ class InfoNCELSEFunction(torch.autograd.Function):
         q, d, scale, lse, *rule_tensors = ctx.saved_tensors
         _, backward_op = _kernel_ops(ctx.backend)
         grad_q, grad_d, grad_scale = backward_op(
-            grad_out.contiguous(), q, d, scale, lse, subtract_positive=ctx.per_query_loss,
+            grad_out.contiguous(),
+            q,
+            d,
+            scale,
+            lse,
+            subtract_positive=ctx.per_query_loss,
             **ctx.rule.with_tensors(rule_tensors).keywords(),
         )
         # rule, per_query_loss and backend get no gradient
@@ -222,8 +227,14 @@ def infonce_lse(
         (torch.Size([4]), torch.Size([4]))
     """
     rule = CandidateRule(
-        pos_index=pos_index, pos_score=pos_score, doc_owner=doc_owner, doc_key=doc_key, pos_key=pos_key,
-        threshold=threshold, margin=margin, exclude_diagonal=exclude_diagonal,
+        pos_index=pos_index,
+        pos_score=pos_score,
+        doc_owner=doc_owner,
+        doc_key=doc_key,
+        pos_key=pos_key,
+        threshold=threshold,
+        margin=margin,
+        exclude_diagonal=exclude_diagonal,
     )
     return _infonce(q, d, scale, rule, per_query_loss=False, backend=backend, validate=validate)
 
@@ -260,7 +271,13 @@ def infonce_per_query_loss(
     if pos_index is None:
         raise ValueError("infonce_per_query_loss needs pos_index [B] (the positive to subtract), got None")
     rule = CandidateRule(
-        pos_index=pos_index, pos_score=pos_score, doc_owner=doc_owner, doc_key=doc_key, pos_key=pos_key,
-        threshold=threshold, margin=margin, exclude_diagonal=exclude_diagonal,
+        pos_index=pos_index,
+        pos_score=pos_score,
+        doc_owner=doc_owner,
+        doc_key=doc_key,
+        pos_key=pos_key,
+        threshold=threshold,
+        margin=margin,
+        exclude_diagonal=exclude_diagonal,
     )
     return _infonce(q, d, scale, rule, per_query_loss=True, backend=backend, validate=validate)

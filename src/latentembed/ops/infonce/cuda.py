@@ -37,8 +37,16 @@ def infonce_lse_fwd_cuda(q: torch.Tensor, d: torch.Tensor, scale: torch.Tensor, 
     return torch.ops.latentembed.infonce_lse_fwd_cuda(q, d, scale, **rule)
 
 
-def infonce_lse_bwd_cuda(grad_lse: torch.Tensor, q: torch.Tensor, d: torch.Tensor, scale: torch.Tensor,
-                         lse: torch.Tensor, *, subtract_positive: bool, **rule: Any):
+def infonce_lse_bwd_cuda(
+    grad_lse: torch.Tensor,
+    q: torch.Tensor,
+    d: torch.Tensor,
+    scale: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    subtract_positive: bool,
+    **rule: Any,
+):
     """(grad_q, grad_d, grad_scale) of the CUDA kernels; ``rule`` as in :func:`infonce_lse_fwd_cuda`."""
     load_extension()
     return torch.ops.latentembed.infonce_lse_bwd_cuda(

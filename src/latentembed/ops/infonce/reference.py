@@ -66,7 +66,8 @@ def infonce_lse_ref(
     """logsumexp over each query's candidates of ``scale * q_i . d_j``, and the positive's rank.
 
     q [B, D], d [N, D] (scores accumulated in float32, float64 for float64 input), scale a 0-dim
-    tensor, candidates by :func:`candidate_mask` (``rule`` None: every document). Returns ``(lse, n_above)``: lse [B] in float32
+    tensor, candidates by :func:`candidate_mask` (``rule`` None: every document). Returns
+    ``(lse, n_above)``: lse [B] in float32
     (float64 for float64 input), ``-inf`` for an empty candidate set (with zero gradient, not NaN);
     n_above [B] int64, the number of candidates scoring strictly above the positive (zeros
     without ``pos_index``). Differentiable in q, d and scale by autograd.

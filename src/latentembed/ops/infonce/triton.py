@@ -76,9 +76,21 @@ def _configs():
 
 
 @triton.jit
-def _score_tile(q_ptr, d_ptr, offs_m, offs_n, B, N, D, stride_q, stride_d,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr):
+def _score_tile(
+    q_ptr,
+    d_ptr,
+    offs_m,
+    offs_n,
+    B,
+    N,
+    D,
+    stride_q,
+    stride_d,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """[BLOCK_M, BLOCK_N] fp32 tile of q . d^T, looping over D; rows/cols out of range are 0."""
     offs_k = tl.arange(0, BLOCK_D)
     q_rows = q_ptr + offs_m[:, None].to(tl.int64) * stride_q
@@ -96,19 +108,49 @@ def _score_tile(q_ptr, d_ptr, offs_m, offs_n, B, N, D, stride_q, stride_d,
 
 @triton.autotune(
     configs=_configs(),
-    key=["D", "HAS_POS", "HAS_OWNER", "HAS_KEY", "HAS_THRESHOLD", "HAS_MARGIN", "EXCLUDE_DIAG", "SUB_POS",
-         "BACKWARD"],
+    key=["D", "HAS_POS", "HAS_OWNER", "HAS_KEY", "HAS_THRESHOLD", "HAS_MARGIN", "EXCLUDE_DIAG", "SUB_POS", "BACKWARD"],
     do_bench=_tuning_bench,
 )
 @triton.jit
 def _infonce_tile_kernel(
-    q_ptr, d_ptr, scale_ptr, pos_index_ptr, bound_ptr, doc_owner_ptr, doc_key_ptr, pos_key_ptr, spos_ptr,
-    lse_ptr, g_ptr, ds_ptr, m_part_ptr, l_part_ptr, c_part_ptr, dscale_part_ptr,
-    B, N, D, stride_q, stride_d, stride_ds, n_start, n_end, group, threshold,
-    HAS_POS: tl.constexpr, HAS_OWNER: tl.constexpr, HAS_KEY: tl.constexpr,
-    HAS_THRESHOLD: tl.constexpr, HAS_MARGIN: tl.constexpr, EXCLUDE_DIAG: tl.constexpr,
-    SUB_POS: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    d_ptr,
+    scale_ptr,
+    pos_index_ptr,
+    bound_ptr,
+    doc_owner_ptr,
+    doc_key_ptr,
+    pos_key_ptr,
+    spos_ptr,
+    lse_ptr,
+    g_ptr,
+    ds_ptr,
+    m_part_ptr,
+    l_part_ptr,
+    c_part_ptr,
+    dscale_part_ptr,
+    B,
+    N,
+    D,
+    stride_q,
+    stride_d,
+    stride_ds,
+    n_start,
+    n_end,
+    group,
+    threshold,
+    HAS_POS: tl.constexpr,
+    HAS_OWNER: tl.constexpr,
+    HAS_KEY: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr,
+    HAS_MARGIN: tl.constexpr,
+    EXCLUDE_DIAG: tl.constexpr,
+    SUB_POS: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -137,8 +179,7 @@ def _infonce_tile_kernel(
         c_i = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for n0 in range(g_start, g_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        s = _score_tile(q_ptr, d_ptr, offs_m, offs_n, B, N, D, stride_q, stride_d,
-                        PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        s = _score_tile(q_ptr, d_ptr, offs_m, offs_n, B, N, D, stride_q, stride_d, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         in_tile = row_ok[:, None] & (offs_n < g_end)[None, :]
         keep = in_tile
         if HAS_OWNER:
@@ -204,9 +245,21 @@ def _positive_score_kernel(q_ptr, d_ptr, pos_index_ptr, out_ptr, D, stride_q, st
 
 
 @triton.jit
-def _matmul_accumulate_kernel(a_ptr, b_ptr, c_ptr, M, K, Ncol, stride_a, stride_b, stride_c,
-                              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _matmul_accumulate_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    M,
+    K,
+    Ncol,
+    stride_a,
+    stride_b,
+    stride_c,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """c [M, Ncol] fp32 += a [M, K] @ b [K, Ncol]: fp32 accumulation across calls."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -216,10 +269,16 @@ def _matmul_accumulate_kernel(a_ptr, b_ptr, c_ptr, M, K, Ncol, stride_a, stride_
     acc = tl.load(c_ptrs, mask=c_mask, other=0.0)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * stride_a + kk[None, :],
-                    mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + kk[:, None].to(tl.int64) * stride_b + offs_n[None, :],
-                    mask=(kk[:, None] < K) & (offs_n[None, :] < Ncol), other=0.0)
+        a = tl.load(
+            a_ptr + offs_m[:, None].to(tl.int64) * stride_a + kk[None, :],
+            mask=(offs_m[:, None] < M) & (kk[None, :] < K),
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + kk[:, None].to(tl.int64) * stride_b + offs_n[None, :],
+            mask=(kk[:, None] < K) & (offs_n[None, :] < Ncol),
+            other=0.0,
+        )
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     tl.store(c_ptrs, acc, mask=c_mask)
 
@@ -256,8 +315,24 @@ def _chunk_docs(B: int, N: int, group: int) -> int:
     return min(_round_up(target, group), _round_up(N, group), _MAX_GRID_YZ * group)
 
 
-def _launch_tiles(q, d, scale, rule: CandidateRule, *, bound, group, n_start, n_end, subtract_positive=False,
-                  spos=None, parts=None, lse=None, grad=None, ds=None, dscale_part=None):
+def _launch_tiles(
+    q,
+    d,
+    scale,
+    rule: CandidateRule,
+    *,
+    bound,
+    group,
+    n_start,
+    n_end,
+    subtract_positive=False,
+    spos=None,
+    parts=None,
+    lse=None,
+    grad=None,
+    ds=None,
+    dscale_part=None,
+):
     """One launch of the tile kernel over documents [n_start, n_end): the forward when ``parts``
     (m, l, count partials) are given, the backward when ``ds`` is. ``bound`` [B] = margin * pos_score."""
     B, D = q.shape
@@ -268,15 +343,40 @@ def _launch_tiles(q, d, scale, rule: CandidateRule, *, bound, group, n_start, n_
     assert groups <= _MAX_GRID_YZ, f"{groups} document groups exceed the grid limit {_MAX_GRID_YZ}"
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_M"]), groups)
     _infonce_tile_kernel[grid](
-        q_ptr=q, d_ptr=d, scale_ptr=scale, pos_index_ptr=rule.pos_index, bound_ptr=bound,
-        doc_owner_ptr=rule.doc_owner, doc_key_ptr=rule.doc_key, pos_key_ptr=rule.pos_key, spos_ptr=spos,
-        lse_ptr=lse, g_ptr=grad, ds_ptr=ds, m_part_ptr=m_part, l_part_ptr=l_part, c_part_ptr=c_part,
+        q_ptr=q,
+        d_ptr=d,
+        scale_ptr=scale,
+        pos_index_ptr=rule.pos_index,
+        bound_ptr=bound,
+        doc_owner_ptr=rule.doc_owner,
+        doc_key_ptr=rule.doc_key,
+        pos_key_ptr=rule.pos_key,
+        spos_ptr=spos,
+        lse_ptr=lse,
+        g_ptr=grad,
+        ds_ptr=ds,
+        m_part_ptr=m_part,
+        l_part_ptr=l_part,
+        c_part_ptr=c_part,
         dscale_part_ptr=dscale_part,
-        B=B, N=N, D=D, stride_q=q.stride(0), stride_d=d.stride(0), stride_ds=ds.stride(0) if backward else 0,
-        n_start=n_start, n_end=n_end, group=group, threshold=0.0 if rule.threshold is None else rule.threshold,
-        HAS_POS=rule.pos_index is not None, HAS_OWNER=rule.doc_owner is not None, HAS_KEY=rule.doc_key is not None,
-        HAS_THRESHOLD=rule.threshold is not None, HAS_MARGIN=bound is not None,
-        EXCLUDE_DIAG=rule.exclude_diagonal, SUB_POS=subtract_positive, BACKWARD=backward,
+        B=B,
+        N=N,
+        D=D,
+        stride_q=q.stride(0),
+        stride_d=d.stride(0),
+        stride_ds=ds.stride(0) if backward else 0,
+        n_start=n_start,
+        n_end=n_end,
+        group=group,
+        threshold=0.0 if rule.threshold is None else rule.threshold,
+        HAS_POS=rule.pos_index is not None,
+        HAS_OWNER=rule.doc_owner is not None,
+        HAS_KEY=rule.doc_key is not None,
+        HAS_THRESHOLD=rule.threshold is not None,
+        HAS_MARGIN=bound is not None,
+        EXCLUDE_DIAG=rule.exclude_diagonal,
+        SUB_POS=subtract_positive,
+        BACKWARD=backward,
         PRECISION=_precision(q.dtype),
     )
 
@@ -301,10 +401,17 @@ def _margin_bound(rule: CandidateRule) -> Optional[torch.Tensor]:
 
 @torch.library.custom_op("latentembed::infonce_lse_fwd_triton", mutates_args=())
 def infonce_lse_fwd_triton(
-    q: torch.Tensor, d: torch.Tensor, scale: torch.Tensor,
-    pos_index: Optional[torch.Tensor], pos_score: Optional[torch.Tensor],
-    doc_owner: Optional[torch.Tensor], doc_key: Optional[torch.Tensor], pos_key: Optional[torch.Tensor],
-    threshold: Optional[float], margin: Optional[float], exclude_diagonal: bool,
+    q: torch.Tensor,
+    d: torch.Tensor,
+    scale: torch.Tensor,
+    pos_index: Optional[torch.Tensor],
+    pos_score: Optional[torch.Tensor],
+    doc_owner: Optional[torch.Tensor],
+    doc_key: Optional[torch.Tensor],
+    pos_key: Optional[torch.Tensor],
+    threshold: Optional[float],
+    margin: Optional[float],
+    exclude_diagonal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [B, D], d [N, D] contiguous -> (lse [B] fp32, n_above [B] int64, s_pos [B] fp32).
 
@@ -312,9 +419,20 @@ def infonce_lse_fwd_triton(
     pos_key [B] defaults to doc_key[pos_index] when doc_key is given."""
     B, D = q.shape
     N = d.shape[0]
-    q, d, rule = _kernel_inputs(q, d, CandidateRule(
-        pos_index=pos_index, pos_score=pos_score, doc_owner=doc_owner, doc_key=doc_key, pos_key=pos_key,
-        threshold=threshold, margin=margin, exclude_diagonal=exclude_diagonal))
+    q, d, rule = _kernel_inputs(
+        q,
+        d,
+        CandidateRule(
+            pos_index=pos_index,
+            pos_score=pos_score,
+            doc_owner=doc_owner,
+            doc_key=doc_key,
+            pos_key=pos_key,
+            threshold=threshold,
+            margin=margin,
+            exclude_diagonal=exclude_diagonal,
+        ),
+    )
     group = _group_docs(B, N, q.device)
     groups = triton.cdiv(N, group)
     m_part = torch.empty(groups, B, device=q.device, dtype=torch.float32)
@@ -325,10 +443,27 @@ def infonce_lse_fwd_triton(
         if rule.pos_index is not None:
             spos = torch.empty(B, device=q.device, dtype=torch.float32)
             _positive_score_kernel[(B,)](
-                q_ptr=q, d_ptr=d, pos_index_ptr=rule.pos_index, out_ptr=spos, D=D, stride_q=q.stride(0),
-                stride_d=d.stride(0), BLOCK_D=min(1024, triton.next_power_of_2(D)))
-        _launch_tiles(q, d, scale.to(torch.float32), rule, bound=_margin_bound(rule), group=group, n_start=0,
-                      n_end=N, spos=spos if rule.pos_index is not None else None, parts=(m_part, l_part, c_part))
+                q_ptr=q,
+                d_ptr=d,
+                pos_index_ptr=rule.pos_index,
+                out_ptr=spos,
+                D=D,
+                stride_q=q.stride(0),
+                stride_d=d.stride(0),
+                BLOCK_D=min(1024, triton.next_power_of_2(D)),
+            )
+        _launch_tiles(
+            q,
+            d,
+            scale.to(torch.float32),
+            rule,
+            bound=_margin_bound(rule),
+            group=group,
+            n_start=0,
+            n_end=N,
+            spos=spos if rule.pos_index is not None else None,
+            parts=(m_part, l_part, c_part),
+        )
     # Merge the groups: lse = M + log(sum_g l_g exp(m_g - M)); log(0) = -inf for empty rows.
     # In float64 (B * groups numbers): lse is then rounded once, as torch.logsumexp's is, and
     # every p = exp(z - lse) of the backward inherits no extra error.
@@ -352,18 +487,39 @@ def _accumulate_matmul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor) -
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     grid = (triton.cdiv(M, bm), triton.cdiv(ncol, bn))
     _matmul_accumulate_kernel[grid](
-        a_ptr=a, b_ptr=b, c_ptr=out, M=M, K=K, Ncol=ncol, stride_a=a.stride(0), stride_b=b.stride(0),
-        stride_c=out.stride(0), PRECISION=_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=warps, num_stages=stages,
+        a_ptr=a,
+        b_ptr=b,
+        c_ptr=out,
+        M=M,
+        K=K,
+        Ncol=ncol,
+        stride_a=a.stride(0),
+        stride_b=b.stride(0),
+        stride_c=out.stride(0),
+        PRECISION=_precision(a.dtype),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        num_warps=warps,
+        num_stages=stages,
     )
 
 
 @torch.library.custom_op("latentembed::infonce_lse_bwd_triton", mutates_args=())
 def infonce_lse_bwd_triton(
-    grad_lse: torch.Tensor, q: torch.Tensor, d: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor,
-    pos_index: Optional[torch.Tensor], pos_score: Optional[torch.Tensor],
-    doc_owner: Optional[torch.Tensor], doc_key: Optional[torch.Tensor], pos_key: Optional[torch.Tensor],
-    threshold: Optional[float], margin: Optional[float], exclude_diagonal: bool,
+    grad_lse: torch.Tensor,
+    q: torch.Tensor,
+    d: torch.Tensor,
+    scale: torch.Tensor,
+    lse: torch.Tensor,
+    pos_index: Optional[torch.Tensor],
+    pos_score: Optional[torch.Tensor],
+    doc_owner: Optional[torch.Tensor],
+    doc_key: Optional[torch.Tensor],
+    pos_key: Optional[torch.Tensor],
+    threshold: Optional[float],
+    margin: Optional[float],
+    exclude_diagonal: bool,
     subtract_positive: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum_i grad_lse[i] * out[i]: (dq [B, D], dd [N, D], dscale [] fp32), where out
@@ -376,9 +532,22 @@ def infonce_lse_bwd_triton(
     which 160 MiB are the gradients themselves (a separate cast of dq would add 32 MiB)."""
     B, D = q.shape
     N = d.shape[0]
-    q, d, rule, lse, grad_lse = _kernel_inputs(q, d, CandidateRule(
-        pos_index=pos_index, pos_score=pos_score, doc_owner=doc_owner, doc_key=doc_key, pos_key=pos_key,
-        threshold=threshold, margin=margin, exclude_diagonal=exclude_diagonal), lse, grad_lse)
+    q, d, rule, lse, grad_lse = _kernel_inputs(
+        q,
+        d,
+        CandidateRule(
+            pos_index=pos_index,
+            pos_score=pos_score,
+            doc_owner=doc_owner,
+            doc_key=doc_key,
+            pos_key=pos_key,
+            threshold=threshold,
+            margin=margin,
+            exclude_diagonal=exclude_diagonal,
+        ),
+        lse,
+        grad_lse,
+    )
     # The backward runs chunk by chunk, so its groups are small (one quantum) to give every
     # chunk's launch enough programs; the forward's groups span all of N instead.
     group = _group_docs_backward()
@@ -396,9 +565,21 @@ def infonce_lse_bwd_triton(
         n1 = min(N, n0 + chunk)
         ds_c = ds[:, : n1 - n0]
         with device_guard(q):
-            _launch_tiles(q, d, scale32, rule, bound=bound, group=group, n_start=n0, n_end=n1,
-                          subtract_positive=subtract_positive, lse=lse, grad=grad_lse, ds=ds,
-                          dscale_part=dscale_part)
+            _launch_tiles(
+                q,
+                d,
+                scale32,
+                rule,
+                bound=bound,
+                group=group,
+                n_start=n0,
+                n_end=n1,
+                subtract_positive=subtract_positive,
+                lse=lse,
+                grad=grad_lse,
+                ds=ds,
+                dscale_part=dscale_part,
+            )
             _accumulate_matmul(ds_c, d[n0:n1], out=grad_q)
         torch.mm(ds_c.T, q, out=grad_d[n0:n1])
         # float64 for the few B * groups partials: the scalar sums B * N terms.
@@ -422,8 +603,8 @@ def _narrow_in_place(acc: torch.Tensor, dtype: torch.dtype, rows: int) -> torch.
     out = torch.empty(0, dtype=dtype, device=acc.device).set_(acc.untyped_storage(), 0, (B, D), (D, 1))
     rows = max(1, rows)
     for r0 in range(0, B, rows):
-        block = acc[r0: r0 + rows].to(dtype)  # read before any write can reach these rows
-        out[r0: r0 + rows].copy_(block)
+        block = acc[r0 : r0 + rows].to(dtype)  # read before any write can reach these rows
+        out[r0 : r0 + rows].copy_(block)
     return out
 
 

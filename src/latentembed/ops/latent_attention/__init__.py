@@ -73,10 +73,14 @@ def _kernels(backend: str) -> dict:
     if backend == "triton":
         from . import triton as t  # on first use: importing triton takes a while
 
-        return {"attention": (t.latent_attn_fwd_triton, t.latent_attn_bwd_triton),
-                "geglu": (t.geglu_segment_mean_fwd_triton, t.geglu_segment_mean_bwd_triton)}
-    return {"attention": (cuda.latent_attn_fwd_cuda, cuda.latent_attn_bwd_cuda),
-            "geglu": (cuda.geglu_segment_mean_fwd_cuda, cuda.geglu_segment_mean_bwd_cuda)}
+        return {
+            "attention": (t.latent_attn_fwd_triton, t.latent_attn_bwd_triton),
+            "geglu": (t.geglu_segment_mean_fwd_triton, t.geglu_segment_mean_bwd_triton),
+        }
+    return {
+        "attention": (cuda.latent_attn_fwd_cuda, cuda.latent_attn_bwd_cuda),
+        "geglu": (cuda.geglu_segment_mean_fwd_cuda, cuda.geglu_segment_mean_bwd_cuda),
+    }
 
 
 class LatentCrossAttentionFunction(torch.autograd.Function):
@@ -139,10 +143,7 @@ def _check_attention_args(x, ln_weight, ln_bias, m, u) -> None:
         checks.check_floating(name, t)
         checks.check_same_device(name, t, "x", x)
         if tuple(t.shape) != (D,):
-            raise ValueError(
-                f"{name} must have shape [D] = ({D},) to match x {tuple(x.shape)}, "
-                f"got {tuple(t.shape)}"
-            )
+            raise ValueError(f"{name} must have shape [D] = ({D},) to match x {tuple(x.shape)}, got {tuple(t.shape)}")
     for name, t in (("m", m), ("u", u)):
         checks.check_tensor(name, t)
         checks.check_floating(name, t)
@@ -156,9 +157,7 @@ def _check_attention_args(x, ln_weight, ln_bias, m, u) -> None:
         if t.shape[0] == 0 or t.shape[1] == 0:
             raise ValueError(f"{name} must have H >= 1 heads and R >= 1 latents, got {tuple(t.shape)}")
     if m.shape != u.shape:
-        raise ValueError(
-            f"m and u must have the same shape [H, R, D], got m {tuple(m.shape)} and u {tuple(u.shape)}"
-        )
+        raise ValueError(f"m and u must have the same shape [H, R, D], got m {tuple(m.shape)} and u {tuple(u.shape)}")
 
 
 def latent_cross_attention(
@@ -202,9 +201,7 @@ def latent_cross_attention(
     """
     del validate
     _check_attention_args(x, ln_weight, ln_bias, m, u)
-    chosen = select_backend(
-        "latent_cross_attention", ATTENTION_BACKENDS, backend, x.device, x.dtype, m.shape[1]
-    )
+    chosen = select_backend("latent_cross_attention", ATTENTION_BACKENDS, backend, x.device, x.dtype, m.shape[1])
     if chosen.name == "reference":
         return latent_cross_attention_ref(x, ln_weight, ln_bias, m, u, eps)
     m = m.to(x.dtype).contiguous()
@@ -220,8 +217,7 @@ def _check_geglu_args(a, cu_seqlens, validate: bool) -> None:
     checks.check_ndim("a", a, 2, "[T, 2F] (value half, then gate half)")
     if a.shape[1] == 0 or a.shape[1] % 2 != 0:
         raise ValueError(
-            f"a must have an even number 2F >= 2 of columns ([value, gate] halves), "
-            f"got shape {tuple(a.shape)}"
+            f"a must have an even number 2F >= 2 of columns ([value, gate] halves), got shape {tuple(a.shape)}"
         )
     checks.check_tensor("cu_seqlens", cu_seqlens)
     checks.check_same_device("cu_seqlens", cu_seqlens, "a", a)

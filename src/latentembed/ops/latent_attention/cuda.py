@@ -21,9 +21,7 @@ from ._shapes import grad_a_shape, segment_mean_shape
 
 _lib = torch.library.Library("latentembed", "FRAGMENT")
 _lib.define("geglu_segment_mean_fwd_cuda(Tensor a, Tensor cu_seqlens) -> Tensor")
-_lib.define(
-    "geglu_segment_mean_bwd_cuda(Tensor grad_out, Tensor a, Tensor cu_seqlens) -> Tensor"
-)
+_lib.define("geglu_segment_mean_bwd_cuda(Tensor grad_out, Tensor a, Tensor cu_seqlens) -> Tensor")
 _lib.define(
     "latent_attn_fwd_cuda(Tensor x, Tensor ln_weight, Tensor ln_bias, Tensor m, Tensor u, "
     "float eps) -> (Tensor, Tensor, Tensor, Tensor)"
@@ -54,9 +52,13 @@ def _(x, ln_weight, ln_bias, m, u, eps):
 
 @torch.library.register_fake("latentembed::latent_attn_bwd_cuda", lib=_lib)
 def _(grad_y, x, ln_weight, ln_bias, m, u, probs, mean, rstd, need_dm, need_du):
-    return (x.new_empty(x.shape), ln_weight.new_empty(ln_weight.shape),
-            ln_bias.new_empty(ln_bias.shape), m.new_empty(m.shape if need_dm else (0,)),
-            u.new_empty(u.shape if need_du else (0,)))
+    return (
+        x.new_empty(x.shape),
+        ln_weight.new_empty(ln_weight.shape),
+        ln_bias.new_empty(ln_bias.shape),
+        m.new_empty(m.shape if need_dm else (0,)),
+        u.new_empty(u.shape if need_du else (0,)),
+    )
 
 
 def geglu_segment_mean_fwd_cuda(a: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -64,16 +66,18 @@ def geglu_segment_mean_fwd_cuda(a: torch.Tensor, cu_seqlens: torch.Tensor) -> to
     return torch.ops.latentembed.geglu_segment_mean_fwd_cuda(a, cu_seqlens)
 
 
-def geglu_segment_mean_bwd_cuda(
-    grad_out: torch.Tensor, a: torch.Tensor, cu_seqlens: torch.Tensor
-) -> torch.Tensor:
+def geglu_segment_mean_bwd_cuda(grad_out: torch.Tensor, a: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     load_extension()
     return torch.ops.latentembed.geglu_segment_mean_bwd_cuda(grad_out, a, cu_seqlens)
 
 
 def latent_attn_fwd_cuda(
-    x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, m: torch.Tensor,
-    u: torch.Tensor, eps: float,
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    m: torch.Tensor,
+    u: torch.Tensor,
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, D], m/u [H, R, D] in x's dtype -> (y [T, D], P [T, H*R], mean, rstd [T])."""
     load_extension()
@@ -81,9 +85,17 @@ def latent_attn_fwd_cuda(
 
 
 def latent_attn_bwd_cuda(
-    grad_y: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-    m: torch.Tensor, u: torch.Tensor, probs: torch.Tensor, mean: torch.Tensor,
-    rstd: torch.Tensor, need_dm: bool, need_du: bool,
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    m: torch.Tensor,
+    u: torch.Tensor,
+    probs: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    need_dm: bool,
+    need_du: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dx, d ln_weight, d ln_bias, dm, du); dm/du are empty when not needed."""
     load_extension()

@@ -57,8 +57,6 @@ def geglu_segment_mean_ref(a: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.T
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     batch = lengths.shape[0]
     # output_size avoids a host sync; index_add is differentiable w.r.t. the rows.
-    seq_of_row = torch.repeat_interleave(
-        torch.arange(batch, device=a.device), lengths, output_size=a.shape[0]
-    )
+    seq_of_row = torch.repeat_interleave(torch.arange(batch, device=a.device), lengths, output_size=a.shape[0])
     total = act.new_zeros(batch, act.shape[1]).index_add(0, seq_of_row, act)
     return (total / lengths.to(acc)[:, None].clamp_min(1)).to(a.dtype)

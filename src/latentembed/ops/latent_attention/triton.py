@@ -60,8 +60,15 @@ def _prune_score_tiles(configs, named_args, **kwargs):
 
 _SCORE_GPU = [
     ({"BLOCK_T": bt, "BLOCK_D": bd}, w, s)
-    for bt, bd, w, s in [(64, 32, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (128, 32, 8, 3),
-                         (64, 64, 4, 3), (32, 128, 8, 2), (16, 64, 4, 3)]
+    for bt, bd, w, s in [
+        (64, 32, 8, 3),
+        (64, 64, 8, 3),
+        (32, 64, 4, 3),
+        (128, 32, 8, 3),
+        (64, 64, 4, 3),
+        (32, 128, 8, 2),
+        (16, 64, 4, 3),
+    ]
 ]
 
 
@@ -69,13 +76,15 @@ _SCORE_GPU = [
 
 
 @triton.autotune(
-    configs=_configs({"BLOCK_T": 32, "BLOCK_D": 128},
-                     [({"BLOCK_T": t, "BLOCK_D": d}, 4, 2) for t, d in [(8, 512), (16, 256), (4, 1024)]]),
-    key=["D"], do_bench=_tuning_bench,
+    configs=_configs(
+        {"BLOCK_T": 32, "BLOCK_D": 128},
+        [({"BLOCK_T": t, "BLOCK_D": d}, 4, 2) for t, d in [(8, 512), (16, 256), (4, 1024)]],
+    ),
+    key=["D"],
+    do_bench=_tuning_bench,
 )
 @triton.jit
-def _ln_stats_kernel(x_ptr, mean_ptr, rstd_ptr, T, D, stride_xt, eps,
-                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _ln_stats_kernel(x_ptr, mean_ptr, rstd_ptr, T, D, stride_xt, eps, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xt
@@ -101,8 +110,11 @@ def _ln_stats_kernel(x_ptr, mean_ptr, rstd_ptr, T, D, stride_xt, eps,
 def _normalized_tile(x_ptr, w_ptr, b_ptr, mean, rstd, rows, row_ok, cols, D, stride_xt):
     """LN(x) on a [rows, cols] tile, fp32; zero outside the matrix."""
     col_ok = cols < D
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xt + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    x = tl.load(
+        x_ptr + rows.to(tl.int64)[:, None] * stride_xt + cols[None, :],
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=0.0,
+    ).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     xn = (x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
@@ -110,22 +122,41 @@ def _normalized_tile(x_ptr, w_ptr, b_ptr, mean, rstd, rows, row_ok, cols, D, str
 
 
 @triton.jit
-def _rows_times_head(a_ptr, stride_at, rows, row_ok, mat_ptr, R, D, acc,
-                     NORMALIZE: tl.constexpr, w_ptr, b_ptr, mean, rstd, IEEE: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rows_times_head(
+    a_ptr,
+    stride_at,
+    rows,
+    row_ok,
+    mat_ptr,
+    R,
+    D,
+    acc,
+    NORMALIZE: tl.constexpr,
+    w_ptr,
+    b_ptr,
+    mean,
+    rstd,
+    IEEE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """acc [BLOCK_T, BLOCK_R] += A[rows] @ mat[:R]^T over D, A = LN(x) or a plain matrix."""
     lat = tl.arange(0, BLOCK_R)
     lat_ok = lat < R
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
-        mt = tl.load(mat_ptr + lat.to(tl.int64)[:, None] * D + cols[None, :],
-                     mask=lat_ok[:, None] & col_ok[None, :], other=0.0)
+        mt = tl.load(
+            mat_ptr + lat.to(tl.int64)[:, None] * D + cols[None, :], mask=lat_ok[:, None] & col_ok[None, :], other=0.0
+        )
         if NORMALIZE:
             a = _normalized_tile(a_ptr, w_ptr, b_ptr, mean, rstd, rows, row_ok, cols, D, stride_at)
         else:
-            a = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_at + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            a = tl.load(
+                a_ptr + rows.to(tl.int64)[:, None] * stride_at + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
         a = a.to(mt.dtype)
         if IEEE:  # fp32 inputs: full-precision products, not TF32
             acc = tl.dot(a, tl.trans(mt), acc, input_precision="ieee")
@@ -134,27 +165,65 @@ def _rows_times_head(a_ptr, stride_at, rows, row_ok, mat_ptr, R, D, acc,
     return acc
 
 
-@triton.autotune(configs=_configs({"BLOCK_T": 32, "BLOCK_D": 64}, _SCORE_GPU), key=["D", "BLOCK_R"],
-                 prune_configs_by={"early_config_prune": _prune_score_tiles}, do_bench=_tuning_bench)
+@triton.autotune(
+    configs=_configs({"BLOCK_T": 32, "BLOCK_D": 64}, _SCORE_GPU),
+    key=["D", "BLOCK_R"],
+    prune_configs_by={"early_config_prune": _prune_score_tiles},
+    do_bench=_tuning_bench,
+)
 @triton.jit
-def _scores_softmax_kernel(x_ptr, w_ptr, b_ptr, m_ptr, mean_ptr, rstd_ptr, p_ptr,
-                           T, D, H, R, stride_xt, stride_pt,
-                           IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _scores_softmax_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    m_ptr,
+    mean_ptr,
+    rstd_ptr,
+    p_ptr,
+    T,
+    D,
+    H,
+    R,
+    stride_xt,
+    stride_pt,
+    IEEE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     h = tl.program_id(0) % H
     rows = (tl.program_id(0) // H) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
     rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
     acc = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
-    acc = _rows_times_head(x_ptr, stride_xt, rows, row_ok, m_ptr + h.to(tl.int64) * R * D, R, D, acc,
-                           True, w_ptr, b_ptr, mean, rstd, IEEE, BLOCK_R, BLOCK_D)
+    acc = _rows_times_head(
+        x_ptr,
+        stride_xt,
+        rows,
+        row_ok,
+        m_ptr + h.to(tl.int64) * R * D,
+        R,
+        D,
+        acc,
+        True,
+        w_ptr,
+        b_ptr,
+        mean,
+        rstd,
+        IEEE,
+        BLOCK_R,
+        BLOCK_D,
+    )
     lat = tl.arange(0, BLOCK_R)
     scores = tl.where((lat < R)[None, :], acc, float("-inf"))
     e = tl.exp(scores - tl.max(scores, axis=1)[:, None])
     probs = e / tl.sum(e, axis=1)[:, None]
-    tl.store(p_ptr + rows.to(tl.int64)[:, None] * stride_pt + h * R + lat[None, :],
-             probs.to(p_ptr.dtype.element_ty), mask=row_ok[:, None] & (lat < R)[None, :])
+    tl.store(
+        p_ptr + rows.to(tl.int64)[:, None] * stride_pt + h * R + lat[None, :],
+        probs.to(p_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (lat < R)[None, :],
+    )
 
 
 def _is_ieee(t: torch.Tensor) -> bool:
@@ -172,8 +241,12 @@ def _head_row_grid(H: int, T: int):
 
 @torch.library.custom_op("latentembed::latent_attn_fwd_triton", mutates_args=())
 def latent_attn_fwd_triton(
-    x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, m: torch.Tensor,
-    u: torch.Tensor, eps: float,
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    m: torch.Tensor,
+    u: torch.Tensor,
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [T, D], m/u [H, R, D] in x's dtype -> (y [T, D], P [T, H*R], mean, rstd [T])."""
     # Indexed by shape (x may have any row stride); no-ops for the public function's arguments.
@@ -186,11 +259,24 @@ def latent_attn_fwd_triton(
     probs = torch.empty(T, H * R, device=x.device, dtype=x.dtype)
     if T > 0:
         with device_guard(x):
-            _ln_stats_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)](
-                x, mean, rstd, T, D, x.stride(0), eps)
+            _ln_stats_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)](x, mean, rstd, T, D, x.stride(0), eps)
             _scores_softmax_kernel[_head_row_grid(H, T)](
-                x, ln_weight, ln_bias, m, mean, rstd, probs, T, D, H, R, x.stride(0), probs.stride(0),
-                IEEE=_is_ieee(x), BLOCK_R=_block_r(R))
+                x,
+                ln_weight,
+                ln_bias,
+                m,
+                mean,
+                rstd,
+                probs,
+                T,
+                D,
+                H,
+                R,
+                x.stride(0),
+                probs.stride(0),
+                IEEE=_is_ieee(x),
+                BLOCK_R=_block_r(R),
+            )
     with torch.autocast(x.device.type, enabled=False):
         y = torch.addmm(x, probs, u.view(H * R, D))
     return y, probs, mean, rstd
@@ -206,19 +292,52 @@ def _(x, ln_weight, ln_bias, m, u, eps):
 # ----------------------------------------------------------------------------- backward
 
 
-@triton.autotune(configs=_configs({"BLOCK_T": 32, "BLOCK_D": 64}, _SCORE_GPU), key=["D", "BLOCK_R"],
-                 prune_configs_by={"early_config_prune": _prune_score_tiles}, do_bench=_tuning_bench)
+@triton.autotune(
+    configs=_configs({"BLOCK_T": 32, "BLOCK_D": 64}, _SCORE_GPU),
+    key=["D", "BLOCK_R"],
+    prune_configs_by={"early_config_prune": _prune_score_tiles},
+    do_bench=_tuning_bench,
+)
 @triton.jit
-def _dscores_kernel(dy_ptr, u_ptr, p_ptr, ds_ptr, T, D, H, R, stride_dyt, stride_pt,
-                    IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dscores_kernel(
+    dy_ptr,
+    u_ptr,
+    p_ptr,
+    ds_ptr,
+    T,
+    D,
+    H,
+    R,
+    stride_dyt,
+    stride_pt,
+    IEEE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """dS_h = P_h * (dP_h - rowsum(P_h * dP_h)) with dP_h = dy U_h^T accumulated here."""
     h = tl.program_id(0) % H
     rows = (tl.program_id(0) // H) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     dp = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
-    dp = _rows_times_head(dy_ptr, stride_dyt, rows, row_ok, u_ptr + h.to(tl.int64) * R * D, R, D, dp,
-                          False, dy_ptr, dy_ptr, dp, dp, IEEE, BLOCK_R, BLOCK_D)
+    dp = _rows_times_head(
+        dy_ptr,
+        stride_dyt,
+        rows,
+        row_ok,
+        u_ptr + h.to(tl.int64) * R * D,
+        R,
+        D,
+        dp,
+        False,
+        dy_ptr,
+        dy_ptr,
+        dp,
+        dp,
+        IEEE,
+        BLOCK_R,
+        BLOCK_D,
+    )
     lat = tl.arange(0, BLOCK_R)
     ok = row_ok[:, None] & (lat < R)[None, :]
     offs = rows.to(tl.int64)[:, None] * stride_pt + h * R + lat[None, :]
@@ -228,16 +347,35 @@ def _dscores_kernel(dy_ptr, u_ptr, p_ptr, ds_ptr, T, D, H, R, stride_dyt, stride
 
 
 @triton.autotune(
-    configs=_configs({"BLOCK_N": 32, "BLOCK_D": 64, "BLOCK_T": 32},
-                     [({"BLOCK_N": n, "BLOCK_D": d, "BLOCK_T": t}, w, s)
-                      for n, d, t, w, s in [(128, 128, 32, 8, 3), (128, 64, 64, 4, 3),
-                                            (64, 128, 32, 4, 3), (128, 128, 64, 8, 3)]]),
-    key=["D", "N"], do_bench=_tuning_bench,
+    configs=_configs(
+        {"BLOCK_N": 32, "BLOCK_D": 64, "BLOCK_T": 32},
+        [
+            ({"BLOCK_N": n, "BLOCK_D": d, "BLOCK_T": t}, w, s)
+            for n, d, t, w, s in [(128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 128, 32, 4, 3), (128, 128, 64, 8, 3)]
+        ],
+    ),
+    key=["D", "N"],
+    do_bench=_tuning_bench,
 )
 @triton.jit
-def _dm_kernel(ds_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dm_ptr, T, D, N,
-               stride_st, stride_xt, IEEE: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+def _dm_kernel(
+    ds_ptr,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dm_ptr,
+    T,
+    D,
+    N,
+    stride_st,
+    stride_xt,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     """dM_flat [N = H*R, D] = dS^T LN(x), LN applied to x tiles on load."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -248,20 +386,40 @@ def _dm_kernel(ds_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dm_ptr, T, D, N,
         row_ok = rows < T
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-        ds = tl.load(ds_ptr + rows.to(tl.int64)[:, None] * stride_st + n[None, :],
-                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        ds = tl.load(
+            ds_ptr + rows.to(tl.int64)[:, None] * stride_st + n[None, :],
+            mask=row_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
         xn = _normalized_tile(x_ptr, w_ptr, b_ptr, mean, rstd, rows, row_ok, cols, D, stride_xt)
         if IEEE:
             acc = tl.dot(tl.trans(ds), xn.to(ds.dtype), acc, input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(ds), xn.to(ds.dtype), acc)
-    tl.store(dm_ptr + n.to(tl.int64)[:, None] * D + cols[None, :], acc.to(dm_ptr.dtype.element_ty),
-             mask=n_ok[:, None] & (cols < D)[None, :])
+    tl.store(
+        dm_ptr + n.to(tl.int64)[:, None] * D + cols[None, :],
+        acc.to(dm_ptr.dtype.element_ty),
+        mask=n_ok[:, None] & (cols < D)[None, :],
+    )
 
 
 @triton.jit
-def _ln_bwd_kernel(dy_ptr, dxn_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr,
-                   T, D, stride_t, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _ln_bwd_kernel(
+    dy_ptr,
+    dxn_ptr,
+    x_ptr,
+    w_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dw_ptr,
+    db_ptr,
+    T,
+    D,
+    stride_t,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """dx = dy + LayerNorm backward of dxn; partial dw, db [num_row_blocks, D] in fp32."""
     blk = tl.program_id(0)
     rows = blk * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -274,9 +432,13 @@ def _ln_bwd_kernel(dy_ptr, dxn_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         ok = row_ok[:, None] & (cols < D)[None, :]
-        xhat = (tl.load(x_ptr + base + cols[None, :], mask=ok, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
-        g = tl.load(dxn_ptr + base + cols[None, :], mask=ok, other=0.0).to(tl.float32) \
+        xhat = (tl.load(x_ptr + base + cols[None, :], mask=ok, other=0.0).to(tl.float32) - mean[:, None]) * rstd[
+            :, None
+        ]
+        g = (
+            tl.load(dxn_ptr + base + cols[None, :], mask=ok, other=0.0).to(tl.float32)
             * tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
+        )
         c1 += tl.where(ok, g * xhat, 0.0)
         c2 += g
     c1s = tl.sum(c1, axis=1) / D
@@ -285,7 +447,9 @@ def _ln_bwd_kernel(dy_ptr, dxn_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw
         cols = d0 + tl.arange(0, BLOCK_D)
         col_ok = cols < D
         ok = row_ok[:, None] & col_ok[None, :]
-        xhat = (tl.load(x_ptr + base + cols[None, :], mask=ok, other=0.0).to(tl.float32) - mean[:, None]) * rstd[:, None]
+        xhat = (tl.load(x_ptr + base + cols[None, :], mask=ok, other=0.0).to(tl.float32) - mean[:, None]) * rstd[
+            :, None
+        ]
         xhat = tl.where(ok, xhat, 0.0)
         dxn = tl.load(dxn_ptr + base + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         g = dxn * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -298,9 +462,17 @@ def _ln_bwd_kernel(dy_ptr, dxn_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw
 
 @torch.library.custom_op("latentembed::latent_attn_bwd_triton", mutates_args=())
 def latent_attn_bwd_triton(
-    grad_y: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-    m: torch.Tensor, u: torch.Tensor, probs: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-    need_dm: bool, need_du: bool,
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    m: torch.Tensor,
+    u: torch.Tensor,
+    probs: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    need_dm: bool,
+    need_du: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dx, d ln_weight, d ln_bias, dm, du) from grad_y [T, D] and the saved forward.
 
@@ -309,7 +481,8 @@ def latent_attn_bwd_triton(
     # The kernels index m, u, P, mean and rstd by their shapes and share one row stride among
     # grad_y, x and dx; no-ops for the public function's (contiguous) arguments.
     grad_y, x, m, u, probs, ln_weight, ln_bias, mean, rstd = (
-        t.contiguous() for t in (grad_y, x, m, u, probs, ln_weight, ln_bias, mean, rstd))
+        t.contiguous() for t in (grad_y, x, m, u, probs, ln_weight, ln_bias, mean, rstd)
+    )
     T, D = x.shape
     H, R, _ = m.shape
     N = H * R
@@ -319,13 +492,24 @@ def latent_attn_bwd_triton(
     if T > 0:
         with device_guard(x):
             _dscores_kernel[_head_row_grid(H, T)](
-                grad_y, u, probs, ds, T, D, H, R, grad_y.stride(0), probs.stride(0),
-                IEEE=_is_ieee(x), BLOCK_R=_block_r(R))
+                grad_y,
+                u,
+                probs,
+                ds,
+                T,
+                D,
+                H,
+                R,
+                grad_y.stride(0),
+                probs.stride(0),
+                IEEE=_is_ieee(x),
+                BLOCK_R=_block_r(R),
+            )
     if need_dm:
         with device_guard(x):
             _dm_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(D, meta["BLOCK_D"]))](
-                ds, x, ln_weight, ln_bias, mean, rstd, dm, T, D, N, ds.stride(0), x.stride(0),
-                IEEE=_is_ieee(x))
+                ds, x, ln_weight, ln_bias, mean, rstd, dm, T, D, N, ds.stride(0), x.stride(0), IEEE=_is_ieee(x)
+            )
         dm = dm.view(H, R, D)
     with torch.autocast(x.device.type, enabled=False):
         dxn = torch.mm(ds, m.view(N, D))
@@ -339,8 +523,22 @@ def latent_attn_bwd_triton(
     if T > 0:
         with device_guard(x):
             _ln_bwd_kernel[(blocks,)](
-                grad_y, dxn, x, ln_weight, mean, rstd, dx, dw_part, db_part, T, D, x.stride(0),
-                BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
+                grad_y,
+                dxn,
+                x,
+                ln_weight,
+                mean,
+                rstd,
+                dx,
+                dw_part,
+                db_part,
+                T,
+                D,
+                x.stride(0),
+                BLOCK_T=block_t,
+                BLOCK_D=block_d,
+                num_warps=warps,
+            )
     dw = dw_part.sum(0).to(ln_weight.dtype)
     db = db_part.sum(0).to(ln_bias.dtype)
     return dx, dw, db, dm, du
@@ -348,9 +546,13 @@ def latent_attn_bwd_triton(
 
 @latent_attn_bwd_triton.register_fake
 def _(grad_y, x, ln_weight, ln_bias, m, u, probs, mean, rstd, need_dm, need_du):
-    return (x.new_empty(x.shape), ln_weight.new_empty(ln_weight.shape),
-            ln_bias.new_empty(ln_bias.shape), m.new_empty(m.shape if need_dm else (0,)),
-            u.new_empty(u.shape if need_du else (0,)))
+    return (
+        x.new_empty(x.shape),
+        ln_weight.new_empty(ln_weight.shape),
+        ln_bias.new_empty(ln_bias.shape),
+        m.new_empty(m.shape if need_dm else (0,)),
+        u.new_empty(u.shape if need_du else (0,)),
+    )
 
 
 # ----------------------------------------------------------------------------- GEGLU segment mean
@@ -364,13 +566,16 @@ def _gelu_parts(g):
     return g * cdf, cdf + g * pdf
 
 
-_GEGLU_GPU = [({"BLOCK_L": bl, "BLOCK_F": bf}, w, 2) for bl, bf, w in [(8, 256, 4), (16, 256, 8), (8, 512, 8), (32, 128, 4)]]
+_GEGLU_GPU = [
+    ({"BLOCK_L": bl, "BLOCK_F": bf}, w, 2) for bl, bf, w in [(8, 256, 4), (16, 256, 8), (8, 512, 8), (32, 128, 4)]
+]
 
 
 @triton.autotune(configs=_configs({"BLOCK_L": 32, "BLOCK_F": 128}, _GEGLU_GPU), key=["F"], do_bench=_tuning_bench)
 @triton.jit
-def _geglu_mean_fwd_kernel(a_ptr, cu_ptr, out_ptr, F, stride_at, stride_ob,
-                           BLOCK_L: tl.constexpr, BLOCK_F: tl.constexpr):
+def _geglu_mean_fwd_kernel(
+    a_ptr, cu_ptr, out_ptr, F, stride_at, stride_ob, BLOCK_L: tl.constexpr, BLOCK_F: tl.constexpr
+):
     b = tl.program_id(0)
     f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = f < F
@@ -386,14 +591,25 @@ def _geglu_mean_fwd_kernel(a_ptr, cu_ptr, out_ptr, F, stride_at, stride_ob,
         act, _ = _gelu_parts(g)
         acc += v * act
     n = tl.maximum(end - start, 1).to(tl.float32)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + f, (tl.sum(acc, axis=0) / n).to(out_ptr.dtype.element_ty),
-             mask=f_ok)
+    tl.store(
+        out_ptr + b.to(tl.int64) * stride_ob + f, (tl.sum(acc, axis=0) / n).to(out_ptr.dtype.element_ty), mask=f_ok
+    )
 
 
 @triton.autotune(configs=_configs({"BLOCK_L": 32, "BLOCK_F": 128}, _GEGLU_GPU), key=["F"], do_bench=_tuning_bench)
 @triton.jit
-def _geglu_mean_bwd_kernel(grad_out_ptr, a_ptr, cu_ptr, grad_a_ptr, F, stride_gob, stride_at, stride_gt,
-                           BLOCK_L: tl.constexpr, BLOCK_F: tl.constexpr):
+def _geglu_mean_bwd_kernel(
+    grad_out_ptr,
+    a_ptr,
+    cu_ptr,
+    grad_a_ptr,
+    F,
+    stride_gob,
+    stride_at,
+    stride_gt,
+    BLOCK_L: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
     b = tl.program_id(0)
     f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     f_ok = f < F
@@ -436,9 +652,7 @@ def _(a, cu_seqlens):
 
 
 @torch.library.custom_op("latentembed::geglu_segment_mean_bwd_triton", mutates_args=())
-def geglu_segment_mean_bwd_triton(
-    grad_out: torch.Tensor, a: torch.Tensor, cu_seqlens: torch.Tensor
-) -> torch.Tensor:
+def geglu_segment_mean_bwd_triton(grad_out: torch.Tensor, a: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """grad_out [B, F] -> grad of a [T, 2F], contiguous; every row is written (valid cu_seqlens)."""
     a = a if a.stride(1) == 1 else a.contiguous()
     grad_out, cu_seqlens = grad_out.contiguous(), cu_seqlens.contiguous()
@@ -446,7 +660,8 @@ def geglu_segment_mean_bwd_triton(
     batch, F = grad_out.shape
     with device_guard(a):
         _geglu_mean_bwd_kernel[_geglu_grid(batch, F)](
-            grad_out, a, cu_seqlens, grad_a, F, grad_out.stride(0), a.stride(0), grad_a.stride(0))
+            grad_out, a, cu_seqlens, grad_a, F, grad_out.stride(0), a.stride(0), grad_a.stride(0)
+        )
     return grad_a
 
 

@@ -16,9 +16,7 @@ from ._shapes import grad_hidden_shape, pooled_shape
 
 _lib = torch.library.Library("latentembed", "FRAGMENT")
 _lib.define("masked_mean_fwd_cuda(Tensor hidden, Tensor? mask, Tensor? cu_seqlens) -> Tensor")
-_lib.define(
-    "masked_mean_bwd_cuda(Tensor grad_out, Tensor? mask, Tensor? cu_seqlens, SymInt length) -> Tensor"
-)
+_lib.define("masked_mean_bwd_cuda(Tensor grad_out, Tensor? mask, Tensor? cu_seqlens, SymInt length) -> Tensor")
 
 
 @torch.library.register_fake("latentembed::masked_mean_fwd_cuda", lib=_lib)

@@ -24,7 +24,6 @@ import triton.testing
 from ..dispatch import device_guard, triton_interpreting
 from ._shapes import grad_hidden_shape, pooled_shape
 
-
 # (BLOCK_L, BLOCK_D, num_warps) tried by the autotuner on the GPU.
 GPU_CONFIGS = [(8, 256, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (8, 512, 4), (32, 256, 8)]
 
@@ -56,13 +55,22 @@ def _row_range(cu_ptr, b, L, IS_VARLEN: tl.constexpr):
 @triton.autotune(configs=_configs(), key=["D", "HAS_MASK", "IS_VARLEN"], do_bench=_tuning_bench)
 @triton.jit
 def _masked_mean_fwd_kernel(
-    h_ptr, mask_ptr, cu_ptr, out_ptr,
-    L, D,
-    stride_hb, stride_hl, stride_hd,
-    stride_mb, stride_ml,
+    h_ptr,
+    mask_ptr,
+    cu_ptr,
+    out_ptr,
+    L,
+    D,
+    stride_hb,
+    stride_hl,
+    stride_hd,
+    stride_mb,
+    stride_ml,
     stride_ob,
-    HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -95,13 +103,21 @@ def _masked_mean_fwd_kernel(
 @triton.autotune(configs=_configs(), key=["D", "HAS_MASK", "IS_VARLEN"], do_bench=_tuning_bench)
 @triton.jit
 def _masked_mean_bwd_kernel(
-    grad_out_ptr, mask_ptr, cu_ptr, grad_h_ptr,
-    L, D,
+    grad_out_ptr,
+    mask_ptr,
+    cu_ptr,
+    grad_h_ptr,
+    L,
+    D,
     stride_gob,
-    stride_mb, stride_ml,
-    stride_gb, stride_gl,
-    HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_mb,
+    stride_ml,
+    stride_gb,
+    stride_gl,
+    HAS_MASK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -167,8 +183,17 @@ def masked_mean_fwd_triton(
     mask_strides = mask.stride() if mask is not None else (0, 0)
     with device_guard(hidden):
         _masked_mean_fwd_kernel[_grid(batch, D)](
-            hidden, mask, cu_seqlens, out, length, D, *strides, *mask_strides, out.stride(0),
-            HAS_MASK=mask is not None, IS_VARLEN=varlen,
+            hidden,
+            mask,
+            cu_seqlens,
+            out,
+            length,
+            D,
+            *strides,
+            *mask_strides,
+            out.stride(0),
+            HAS_MASK=mask is not None,
+            IS_VARLEN=varlen,
         )
     return out
 
@@ -191,16 +216,23 @@ def masked_mean_bwd_triton(
     # The kernel takes grad_out's row stride only, and reads cu_seqlens as contiguous.
     grad_out = grad_out if grad_out.stride(1) == 1 else grad_out.contiguous()
     cu_seqlens = cu_seqlens.contiguous() if varlen else None
-    grad_h = torch.empty(
-        grad_hidden_shape(grad_out, cu_seqlens, length), device=grad_out.device, dtype=grad_out.dtype
-    )
+    grad_h = torch.empty(grad_hidden_shape(grad_out, cu_seqlens, length), device=grad_out.device, dtype=grad_out.dtype)
     mask = _mask_for_kernel(mask)
     mask_strides = mask.stride() if mask is not None else (0, 0)
     grad_strides = (0, grad_h.stride(0)) if varlen else grad_h.stride()[:2]
     with device_guard(grad_out):
         _masked_mean_bwd_kernel[_grid(batch, D)](
-            grad_out, mask, cu_seqlens, grad_h, length, D, grad_out.stride(0), *mask_strides,
-            *grad_strides, HAS_MASK=mask is not None, IS_VARLEN=varlen,
+            grad_out,
+            mask,
+            cu_seqlens,
+            grad_h,
+            length,
+            D,
+            grad_out.stride(0),
+            *mask_strides,
+            *grad_strides,
+            HAS_MASK=mask is not None,
+            IS_VARLEN=varlen,
         )
     return grad_h
 

@@ -73,8 +73,19 @@ class MultiLoRAFunction(torch.autograd.Function):
         grad_x = grad_a = grad_b = None
         if needs[1] or needs[2] or needs[3]:
             grad_x, grad_a, grad_b = _triton_ops().multi_lora_bwd_triton(
-                grad_out.contiguous(), x, lora_a, lora_b, scaling, xs, sorted_rows, blocks,
-                reduce_blocks, reduce_offsets, needs[1], needs[2], needs[3],
+                grad_out.contiguous(),
+                x,
+                lora_a,
+                lora_b,
+                scaling,
+                xs,
+                sorted_rows,
+                blocks,
+                reduce_blocks,
+                reduce_offsets,
+                needs[1],
+                needs[2],
+                needs[3],
             )
             grad_x = grad_x if needs[1] else None
             grad_a = grad_a if needs[2] else None
@@ -125,8 +136,13 @@ def _check_args(base_out, x, lora_a, lora_b, scaling, grouping) -> None:
         raise ValueError(f"grouping was built for N = {grouping.num_rows} rows, x has N = {n}")
     if grouping.num_adapters != t:
         raise ValueError(f"grouping was built for T = {grouping.num_adapters} adapters, lora_a has T = {t}")
-    for name, value in (("base_out", base_out), ("lora_a", lora_a), ("lora_b", lora_b), ("scaling", scaling),
-                        ("grouping.sorted_rows", grouping.sorted_rows)):
+    for name, value in (
+        ("base_out", base_out),
+        ("lora_a", lora_a),
+        ("lora_b", lora_b),
+        ("scaling", scaling),
+        ("grouping.sorted_rows", grouping.sorted_rows),
+    ):
         checks.check_same_device(name, value, "x", x)
 
 
@@ -177,6 +193,13 @@ def multi_lora_linear_add(
     if chosen.name == "reference":
         return multi_lora_linear_add_ref(base_out, x, lora_a, lora_b, scaling, grouping.adapter_index)
     return MultiLoRAFunction.apply(
-        base_out, x, lora_a, lora_b, scaling.float(), grouping.sorted_rows, grouping.blocks,
-        grouping.reduce_blocks, grouping.reduce_offsets,
+        base_out,
+        x,
+        lora_a,
+        lora_b,
+        scaling.float(),
+        grouping.sorted_rows,
+        grouping.blocks,
+        grouping.reduce_blocks,
+        grouping.reduce_offsets,
     )

@@ -94,8 +94,7 @@ def group_by_adapter(adapter_index: torch.Tensor, num_adapters: int) -> LoRAGrou
     checks.check_tensor("adapter_index", adapter_index)
     if adapter_index.dtype.is_floating_point or adapter_index.dtype.is_complex or adapter_index.dtype == torch.bool:
         raise TypeError(
-            "adapter_index must have an integer dtype (int64 preferred), got "
-            f"{checks.dtype_name(adapter_index.dtype)}"
+            f"adapter_index must have an integer dtype (int64 preferred), got {checks.dtype_name(adapter_index.dtype)}"
         )
     checks.check_ndim("adapter_index", adapter_index, 1, "[N] (one adapter per row)")
     if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
@@ -109,14 +108,18 @@ def group_by_adapter(adapter_index: torch.Tensor, num_adapters: int) -> LoRAGrou
     counts_dev = torch.bincount(key.clamp(0, t + 1), minlength=t + 2)
     # The one host sync: counts decide the table sizes. Bad indices are counted, not hidden:
     # below -1 shows up as an extra key-T row (detected via min), at or above T in the extra bins.
-    stats = torch.cat([counts_dev, index.min(0, keepdim=True).values if n else index.new_zeros(1),
-                       index.max(0, keepdim=True).values if n else index.new_zeros(1)]).cpu()
+    stats = torch.cat(
+        [
+            counts_dev,
+            index.min(0, keepdim=True).values if n else index.new_zeros(1),
+            index.max(0, keepdim=True).values if n else index.new_zeros(1),
+        ]
+    ).cpu()
     counts, low, high = stats[: t + 2], int(stats[t + 2]), int(stats[t + 3])
     if n and (low < -1 or high >= t):
         bad = low if low < -1 else high
         raise ValueError(
-            f"adapter_index values must be in [-1, num_adapters) = [-1, {t}), got {bad} "
-            f"(min {low}, max {high})"
+            f"adapter_index values must be in [-1, num_adapters) = [-1, {t}), got {bad} (min {low}, max {high})"
         )
     counts = counts[: t + 1]  # t adapters, then the base-only rows
     offsets = torch.cumsum(counts, 0) - counts  # start position of each segment

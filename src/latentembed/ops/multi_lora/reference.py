@@ -38,7 +38,7 @@ def multi_lora_linear_add_ref(
         # An adapter without rows still runs, on zero rows: its weights then get exact zero
         # gradients (as from the kernels) instead of none.
         count = counts[adapter]
-        rows = order[start:start + count]
+        rows = order[start : start + count]
         start += count
         whole = count == n
         x_rows = x if whole else x.index_select(0, rows)

@@ -31,8 +31,6 @@ IEEE (not TF32) dots to match PyTorch's fp32 matmul.
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 import triton
 import triton.language as tl
@@ -47,8 +45,14 @@ from .grouping import BLOCK_M
 # batch of 8192 rows is only ~130 blocks, fewer than one per SM pair, so splitting buys
 # memory-level parallelism for the bandwidth-bound pass over base_out and out.
 SHRINK_EXPAND_CONFIGS = [
-    (64, 64, 128, 1, 4, 3), (64, 128, 128, 2, 4, 3), (64, 64, 128, 4, 4, 3), (64, 64, 256, 1, 8, 3),
-    (32, 64, 128, 1, 4, 3), (32, 128, 128, 2, 4, 3), (32, 64, 256, 2, 8, 3), (64, 128, 64, 1, 4, 4),
+    (64, 64, 128, 1, 4, 3),
+    (64, 128, 128, 2, 4, 3),
+    (64, 64, 128, 4, 4, 3),
+    (64, 64, 256, 1, 8, 3),
+    (32, 64, 128, 1, 4, 3),
+    (32, 128, 128, 2, 4, 3),
+    (32, 64, 256, 2, 8, 3),
+    (64, 128, 64, 1, 4, 4),
 ]
 # (BLOCK_K, num_warps, num_stages) for the weight-gradient partials.
 PARTIAL_CONFIGS = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3)]
@@ -86,21 +90,46 @@ def rank_pad(rank: int) -> int:
 
 
 @triton.autotune(
-    configs=_shrink_expand_configs(), key=["K", "M_OUT", "R_PAD", "HAS_BASE", "STORE_H"],
+    configs=_shrink_expand_configs(),
+    key=["K", "M_OUT", "R_PAD", "HAS_BASE", "STORE_H"],
     do_bench=_tuning_bench,
 )
 @triton.jit
 def _shrink_expand_kernel(
-    x_ptr, w1_ptr, w2_ptr, scale_ptr, base_ptr, y_ptr, h_ptr, rows_ptr, blocks_ptr,
-    K, M_OUT, R,
-    stride_xn, stride_xk,
-    stride_w1t, stride_w1r, stride_w1k,
-    stride_w2t, stride_w2m, stride_w2r,
-    stride_bn, stride_bm,
-    stride_yn, stride_ym,
-    HAS_BASE: tl.constexpr, STORE_H: tl.constexpr, STORE_Y: tl.constexpr,
-    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SUB_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
+    x_ptr,
+    w1_ptr,
+    w2_ptr,
+    scale_ptr,
+    base_ptr,
+    y_ptr,
+    h_ptr,
+    rows_ptr,
+    blocks_ptr,
+    K,
+    M_OUT,
+    R,
+    stride_xn,
+    stride_xk,
+    stride_w1t,
+    stride_w1r,
+    stride_w1k,
+    stride_w2t,
+    stride_w2m,
+    stride_w2r,
+    stride_bn,
+    stride_bm,
+    stride_yn,
+    stride_ym,
+    HAS_BASE: tl.constexpr,
+    STORE_H: tl.constexpr,
+    STORE_Y: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    SUB_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_N: tl.constexpr,
 ):
     """y[rows] = (base[rows] if HAS_BASE else 0) + (x[rows] @ W1_t^T * s_t) @ W2_t^T for one block.
 
@@ -127,7 +156,8 @@ def _shrink_expand_kernel(
             if split == 0:
                 offs_r = tl.arange(0, R_PAD)
                 tl.store(
-                    h_ptr + pos[:, None] * R + offs_r[None, :], tl.zeros([SUB_M, R_PAD], dtype=tl.float32),
+                    h_ptr + pos[:, None] * R + offs_r[None, :],
+                    tl.zeros([SUB_M, R_PAD], dtype=tl.float32),
                     mask=row_ok[:, None] & (offs_r < R)[None, :],
                 )
         if STORE_Y:
@@ -149,11 +179,13 @@ def _shrink_expand_kernel(
             k_ok = offs_k < K
             xt = tl.load(
                 x_ptr + rows[:, None] * stride_xn + offs_k[None, :] * stride_xk,
-                mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
             )
             wt = tl.load(
                 w1 + offs_k[:, None] * stride_w1k + offs_r[None, :] * stride_w1r,
-                mask=k_ok[:, None] & r_ok[None, :], other=0.0,
+                mask=k_ok[:, None] & r_ok[None, :],
+                other=0.0,
             )
             h = tl.dot(xt, wt, h, input_precision=DOT_PRECISION)
         h = h * tl.load(scale_ptr + adapter)
@@ -171,7 +203,8 @@ def _shrink_expand_kernel(
                 mask = row_ok[:, None] & n_ok[None, :]
                 wt2 = tl.load(
                     w2 + offs_r[:, None] * stride_w2r + offs_n[None, :] * stride_w2m,
-                    mask=r_ok[:, None] & n_ok[None, :], other=0.0,
+                    mask=r_ok[:, None] & n_ok[None, :],
+                    other=0.0,
                 )
                 acc = tl.dot(h_lp, wt2, input_precision=DOT_PRECISION)
                 if HAS_BASE:
@@ -180,17 +213,27 @@ def _shrink_expand_kernel(
                     ).to(tl.float32)
                 tl.store(
                     y_ptr + rows[:, None] * stride_yn + offs_n[None, :] * stride_ym,
-                    acc.to(y_ptr.dtype.element_ty), mask=mask,
+                    acc.to(y_ptr.dtype.element_ty),
+                    mask=mask,
                 )
 
 
 @triton.autotune(configs=_partial_configs(), key=["K", "R_PAD"], do_bench=_tuning_bench)
 @triton.jit
 def _weight_grad_partial_kernel(
-    h_ptr, x_ptr, rows_ptr, rblocks_ptr, part_ptr,
-    K, R,
-    stride_xn, stride_xk,
-    R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+    h_ptr,
+    x_ptr,
+    rows_ptr,
+    rblocks_ptr,
+    part_ptr,
+    K,
+    R,
+    stride_xn,
+    stride_xk,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """part[rb] = h[positions of rb]^T @ x[rows of rb, k tile]: one [R, BLOCK_K] fp32 partial."""
     rb = tl.program_id(0)
@@ -208,18 +251,28 @@ def _weight_grad_partial_kernel(
         ht = tl.load(h_ptr + pos[None, :] * R + offs_r[:, None], mask=r_ok[:, None] & ok[None, :], other=0.0)
         xt = tl.load(
             x_ptr + rows[:, None] * stride_xn + offs_k[None, :] * stride_xk,
-            mask=ok[:, None] & k_ok[None, :], other=0.0,
+            mask=ok[:, None] & k_ok[None, :],
+            other=0.0,
         )
         acc = tl.dot(ht.to(x_ptr.dtype.element_ty), xt, acc, input_precision=DOT_PRECISION)
     tl.store(
-        part_ptr + rb.to(tl.int64) * R * K + offs_r[:, None] * K + offs_k[None, :], acc,
+        part_ptr + rb.to(tl.int64) * R * K + offs_r[:, None] * K + offs_k[None, :],
+        acc,
         mask=r_ok[:, None] & k_ok[None, :],
     )
 
 
 @triton.jit
 def _sum_partials_kernel(
-    part_ptr, offsets_ptr, out_ptr, K, R, stride_ot, stride_or, stride_ok, BLOCK: tl.constexpr,
+    part_ptr,
+    offsets_ptr,
+    out_ptr,
+    K,
+    R,
+    stride_ot,
+    stride_or,
+    stride_ok,
+    BLOCK: tl.constexpr,
 ):
     """out[t, r, k] = sum of adapter t's partials [R, K], in block order (deterministic); 0 if none."""
     t = tl.program_id(0)
@@ -245,11 +298,29 @@ def _shrink_expand(x, w1_strides, w1, w2_strides, w2, scaling, base, y, h, rows,
     y_strides = y.stride() if store_y else (0, 0)
     grid = lambda meta: (num_blocks * (BLOCK_M // meta["SUB_M"]), meta["SPLIT_N"])  # noqa: E731
     _shrink_expand_kernel[grid](
-        x, w1, w2, scaling, base, y, h, rows, blocks,
-        K, M_OUT, R,
-        *x.stride(), *w1_strides, *w2_strides, *base_strides, *y_strides,
-        HAS_BASE=base is not None, STORE_H=store_h, STORE_Y=store_y,
-        R_PAD=rank_pad(R), BLOCK_M=BLOCK_M, DOT_PRECISION=dot_precision(x.dtype),
+        x,
+        w1,
+        w2,
+        scaling,
+        base,
+        y,
+        h,
+        rows,
+        blocks,
+        K,
+        M_OUT,
+        R,
+        *x.stride(),
+        *w1_strides,
+        *w2_strides,
+        *base_strides,
+        *y_strides,
+        HAS_BASE=base is not None,
+        STORE_H=store_h,
+        STORE_Y=store_y,
+        R_PAD=rank_pad(R),
+        BLOCK_M=BLOCK_M,
+        DOT_PRECISION=dot_precision(x.dtype),
     )
 
 
@@ -262,12 +333,27 @@ def _weight_grad(h, x, rows, reduce_blocks, reduce_offsets, out, out_strides, R)
     if num_rb:
         grid = lambda meta: (num_rb, triton.cdiv(K, meta["BLOCK_K"]))  # noqa: E731
         _weight_grad_partial_kernel[grid](
-            h, x, rows, reduce_blocks, part, K, R, *x.stride(), R_PAD=rank_pad(R), BLOCK_M=BLOCK_M,
+            h,
+            x,
+            rows,
+            reduce_blocks,
+            part,
+            K,
+            R,
+            *x.stride(),
+            R_PAD=rank_pad(R),
+            BLOCK_M=BLOCK_M,
             DOT_PRECISION=dot_precision(x.dtype),
         )
     block = 1024
     _sum_partials_kernel[(num_adapters, triton.cdiv(R * K, block))](
-        part, reduce_offsets, out, K, R, *out_strides, BLOCK=block,
+        part,
+        reduce_offsets,
+        out,
+        K,
+        R,
+        *out_strides,
+        BLOCK=block,
     )
 
 
@@ -280,7 +366,7 @@ def multi_lora_fwd_triton(
     scaling: torch.Tensor,
     sorted_rows: torch.Tensor,
     blocks: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out [N, out] = base_out + LoRA delta, h [N, R] fp32 = s_t * x A_t^T at sorted positions).
 
     base_out, x, lora_a and lora_b may have any strides (passed to the kernel)."""
@@ -293,8 +379,22 @@ def multi_lora_fwd_triton(
     h = torch.empty(n, rank, device=x.device, dtype=torch.float32)
     with device_guard(x):
         _shrink_expand(
-            x, lora_a.stride(), lora_a, lora_b.stride(), lora_b, scaling, base_out, out, h, sorted_rows, blocks,
-            d_in, d_out, rank, store_h=True, store_y=True,
+            x,
+            lora_a.stride(),
+            lora_a,
+            lora_b.stride(),
+            lora_b,
+            scaling,
+            base_out,
+            out,
+            h,
+            sorted_rows,
+            blocks,
+            d_in,
+            d_out,
+            rank,
+            store_h=True,
+            store_y=True,
         )
     return out, h
 
@@ -320,14 +420,15 @@ def multi_lora_bwd_triton(
     need_x: bool,
     need_a: bool,
     need_b: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx [N, in], dA [T, R, in], dB [T, out, R]); a gradient not needed comes back empty [0]."""
     n, d_in = x.shape
     _, rank, _ = lora_a.shape
     d_out = grad_out.shape[1]
     # Indexed by position in the kernels (grad_out, x and the weights go with their strides).
     scaling, h, sorted_rows, blocks, reduce_blocks, reduce_offsets = (
-        t.contiguous() for t in (scaling, h, sorted_rows, blocks, reduce_blocks, reduce_offsets))
+        t.contiguous() for t in (scaling, h, sorted_rows, blocks, reduce_blocks, reduce_offsets)
+    )
     with device_guard(x):
         # Distinct empty tensors: outputs of a custom op may not alias each other.
         grad_x, grad_a, grad_b = x.new_empty(0), x.new_empty(0), x.new_empty(0)
@@ -338,8 +439,22 @@ def multi_lora_bwd_triton(
             b_as_w1 = (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1))  # B_t^T: [R, out]
             a_as_w2 = (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1))  # A_t^T: [in, R]
             _shrink_expand(
-                grad_out, b_as_w1, lora_b, a_as_w2, lora_a, scaling, None, grad_x, g, sorted_rows, blocks,
-                d_out, d_in, rank, store_h=need_a, store_y=need_x,
+                grad_out,
+                b_as_w1,
+                lora_b,
+                a_as_w2,
+                lora_a,
+                scaling,
+                None,
+                grad_x,
+                g,
+                sorted_rows,
+                blocks,
+                d_out,
+                d_in,
+                rank,
+                store_h=need_a,
+                store_y=need_x,
             )
             if need_a:
                 grad_a = torch.empty_like(lora_a, memory_format=torch.contiguous_format)
@@ -353,8 +468,9 @@ def multi_lora_bwd_triton(
 
 
 @multi_lora_bwd_triton.register_fake
-def _(grad_out, x, lora_a, lora_b, scaling, h, sorted_rows, blocks, reduce_blocks, reduce_offsets,
-      need_x, need_a, need_b):
+def _(
+    grad_out, x, lora_a, lora_b, scaling, h, sorted_rows, blocks, reduce_blocks, reduce_offsets, need_x, need_a, need_b
+):
     return (
         x.new_empty(x.shape) if need_x else x.new_empty(0),
         lora_a.new_empty(lora_a.shape) if need_a else x.new_empty(0),
