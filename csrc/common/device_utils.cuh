@@ -4,9 +4,8 @@
 // Kernels are built with torch's flags (__CUDA_NO_HALF_CONVERSIONS__ and friends): Convert<T>
 // uses only the explicit conversion intrinsics.
 //
-// latent_cross_attention_kernels.cuh is also compiled by a host C++ compiler (a shim defines
-// __device__, __forceinline__, threadIdx, ...): without __CUDACC__ this header gives only the
-// pieces that need no CUDA header (the launch limit and Convert<float>).
+// Without __CUDACC__ this header gives only the pieces that need no CUDA header (the launch
+// limit and Convert<float>), so that host code may include it.
 #pragma once
 
 #include <cstdint>

@@ -1,9 +1,9 @@
 // Kernel bodies of latent_cross_attention.cu (see latent_cross_attention.cuh for the semantics).
 //
 // Kept apart from the launchers and written with only threadIdx/blockIdx/__syncthreads/
-// __shared__ and plain float math (no warp shuffles, no intrinsics beyond Convert<T>), so that
-// the same source is also compiled by a host C++ compiler with a thread-per-CUDA-thread shim to
-// check the arithmetic and every bounds condition against a reference on the CPU.
+// __shared__ and plain float math (no warp shuffles, no intrinsics beyond Convert<T>). (No test
+// compiles them on the host yet: they are checked by nvcc in CI and against the reference on a
+// GPU by tests/ops/test_latent_attention_cuda.py.)
 //
 // Layout of the work:
 //   * row kernels (LayerNorm forward, LayerNorm backward): one block of kThreads per row, a

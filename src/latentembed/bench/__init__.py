@@ -1,4 +1,4 @@
-"""Op benchmarks behind `python -m latentembed bench`; the scripts in benchmarks/ call these."""
+"""Op benchmarks behind `python -m latentembed bench` (results go to benchmarks/results/)."""
 
 from __future__ import annotations
 

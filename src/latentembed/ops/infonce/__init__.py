@@ -226,16 +226,7 @@ def infonce_lse(
         >>> lse.shape, n_above.shape
         (torch.Size([4]), torch.Size([4]))
     """
-    rule = CandidateRule(
-        pos_index=pos_index,
-        pos_score=pos_score,
-        doc_owner=doc_owner,
-        doc_key=doc_key,
-        pos_key=pos_key,
-        threshold=threshold,
-        margin=margin,
-        exclude_diagonal=exclude_diagonal,
-    )
+    rule = CandidateRule.from_arguments(locals())
     return _infonce(q, d, scale, rule, per_query_loss=False, backend=backend, validate=validate)
 
 
@@ -270,14 +261,5 @@ def infonce_per_query_loss(
     """
     if pos_index is None:
         raise ValueError("infonce_per_query_loss needs pos_index [B] (the positive to subtract), got None")
-    rule = CandidateRule(
-        pos_index=pos_index,
-        pos_score=pos_score,
-        doc_owner=doc_owner,
-        doc_key=doc_key,
-        pos_key=pos_key,
-        threshold=threshold,
-        margin=margin,
-        exclude_diagonal=exclude_diagonal,
-    )
+    rule = CandidateRule.from_arguments(locals())
     return _infonce(q, d, scale, rule, per_query_loss=True, backend=backend, validate=validate)

@@ -7,7 +7,7 @@ and passed by position a swap would run without an error and give a wrong loss.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -54,16 +54,13 @@ class CandidateRule(NamedTuple):
 
     def keywords(self) -> dict:
         """The rule as the ops' keyword arguments: ``op(q, d, scale, **rule.keywords())``."""
-        return dict(
-            pos_index=self.pos_index,
-            pos_score=self.pos_score,
-            doc_owner=self.doc_owner,
-            doc_key=self.doc_key,
-            pos_key=self.pos_key,
-            threshold=self.threshold,
-            margin=self.margin,
-            exclude_diagonal=self.exclude_diagonal,
-        )
+        return self._asdict()
+
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, object]) -> CandidateRule:
+        """The rule from a function's arguments named like its fields (``locals()`` of a public
+        function or custom op whose parameters carry the rule): read by name, never by position."""
+        return cls(**{name: arguments[name] for name in cls._fields})
 
     def tensors(self) -> tuple[Optional[torch.Tensor], ...]:
         """(pos_index, pos_score, doc_owner, doc_key, pos_key): what an autograd Function saves."""

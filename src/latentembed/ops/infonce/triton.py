@@ -419,20 +419,7 @@ def infonce_lse_fwd_triton(
     pos_key [B] defaults to doc_key[pos_index] when doc_key is given."""
     B, D = q.shape
     N = d.shape[0]
-    q, d, rule = _kernel_inputs(
-        q,
-        d,
-        CandidateRule(
-            pos_index=pos_index,
-            pos_score=pos_score,
-            doc_owner=doc_owner,
-            doc_key=doc_key,
-            pos_key=pos_key,
-            threshold=threshold,
-            margin=margin,
-            exclude_diagonal=exclude_diagonal,
-        ),
-    )
+    q, d, rule = _kernel_inputs(q, d, CandidateRule.from_arguments(locals()))
     group = _group_docs(B, N, q.device)
     groups = triton.cdiv(N, group)
     m_part = torch.empty(groups, B, device=q.device, dtype=torch.float32)
@@ -532,22 +519,7 @@ def infonce_lse_bwd_triton(
     which 160 MiB are the gradients themselves (a separate cast of dq would add 32 MiB)."""
     B, D = q.shape
     N = d.shape[0]
-    q, d, rule, lse, grad_lse = _kernel_inputs(
-        q,
-        d,
-        CandidateRule(
-            pos_index=pos_index,
-            pos_score=pos_score,
-            doc_owner=doc_owner,
-            doc_key=doc_key,
-            pos_key=pos_key,
-            threshold=threshold,
-            margin=margin,
-            exclude_diagonal=exclude_diagonal,
-        ),
-        lse,
-        grad_lse,
-    )
+    q, d, rule, lse, grad_lse = _kernel_inputs(q, d, CandidateRule.from_arguments(locals()), lse, grad_lse)
     # The backward runs chunk by chunk, so its groups are small (one quantum) to give every
     # chunk's launch enough programs; the forward's groups span all of N instead.
     group = _group_docs_backward()
