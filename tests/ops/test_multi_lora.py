@@ -157,9 +157,9 @@ def test_mixed_batch_equals_each_row_alone():
     # The property the issue asks for: a mixed batch gives each row what it would get alone.
     base, x, a, b, scaling, index = make_case(13, 24, 40, 4, 3, torch.float32)
     out = multi_lora_linear_add(base, x, a, b, scaling, group_by_adapter(index, 3), backend="triton")
-    # Bitwise on CPU: a row's dot products do not depend on its tile neighbours. A GPU may pick
-    # another MMA shape for another batch, so there only to rounding.
-    tol = dict(rtol=1.3e-6, atol=1e-5) if HAS_GPU else dict(rtol=0, atol=0)
+    # Equal to rounding: the interpreter's numpy matmul (like a GPU's MMA) may round a row
+    # differently at another position of its tile (seed 7 gave one-ulp differences).
+    tol = dict(rtol=1.3e-6, atol=1e-5)
     for n in range(13):
         alone = group_by_adapter(index[n : n + 1], 3)
         row = multi_lora_linear_add(base[n : n + 1], x[n : n + 1], a, b, scaling, alone, backend="triton")
