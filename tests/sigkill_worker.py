@@ -34,7 +34,7 @@ from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.embedding import EmbeddingModel
 from latentembed.models.embedding_config import EmbeddingConfig
 from latentembed.tokenization import TextTokenizer
-from latentembed.training.config import TrainConfig
+from latentembed.training.config import LIVE_OUTPUT_ENTRIES, TrainConfig
 from latentembed.training.output import save_output
 from latentembed.training.tiny import tiny_model, train_tokenizer
 
@@ -148,7 +148,9 @@ def _state_decoder(path: Path) -> dict:
 
 
 def _state_train(path: Path) -> dict:
-    return {"files": _files(path), "model": _loaded_model(path / "model")}
+    # What a run writes while it runs (its log, checkpoints) is that run's, not the final save's.
+    files = {k: v for k, v in _files(path).items() if k.split("/")[0] not in LIVE_OUTPUT_ENTRIES}
+    return {"files": files, "model": _loaded_model(path / "model")}
 
 
 def _expected_model(version) -> dict:

@@ -108,7 +108,7 @@ def test_stage2_checks_happen_before_the_model(tmp_path, capsys, no_model):
 
 def test_bad_dtype_and_pooling_without_model_fail_before_the_model(no_model):
     with pytest.raises(ValueError, match="dtype"):
-        train(TrainConfig(dtype="float16", quiet=True))
+        train(TrainConfig(dtype="float64", quiet=True))
     with pytest.raises(ValueError, match="pooling='last'"):
         train(TrainConfig(pooling="last", quiet=True))
 

@@ -37,7 +37,7 @@ def _data(n1: int, n2: int) -> RunData:
     [
         (TrainConfig(batch_size=1, hard_negatives=0), "no negative at all"),
         (TrainConfig(warmup=2.5), "warmup"),
-        (TrainConfig(dtype="float16"), "dtype must be auto, float32 or bfloat16, got 'float16'"),
+        (TrainConfig(dtype="float64"), "dtype must be auto, float32, bfloat16 or float16, got 'float64'"),
         (TrainConfig(template="nope"), "unknown prompt template 'nope'"),
         (TrainConfig(pooling="last"), "pooling='last'"),
     ],

@@ -236,7 +236,12 @@ def test_two_process_gloo_run_equals_one_process_on_the_whole_batch(tmp_path, on
     log = (tmp_path / "stdout0.txt").read_text()
     assert "stage 2 step" in log and "eval after:" in log and "world 2" in log
     assert (tmp_path / "stdout1.txt").read_text() == ""
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.json", "model", "train_config.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "metrics.json",
+        "model",
+        "train_config.json",
+        "train_log.jsonl",
+    ]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert [(e["stage"], e["step"]) for e in metrics["loss_history"]] == [(1, 1), (1, 2), (2, 1), (2, 2)]
 
@@ -292,7 +297,13 @@ def test_cli_lora_run_writes_outputs_and_a_reloadable_model(tmp_path):
     for needle in ("eval before: nDCG@10", "stage 1 step    3/3 loss", "tok/s", "mem rss max", "eval after:"):
         assert needle in done.stdout, (needle, done.stdout)
     assert "stage 2" not in done.stdout  # --data without --stage2-data: stage 1 only
-    assert {p.name for p in out.iterdir()} == {"model", "adapters", "train_config.json", "metrics.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "model",
+        "adapters",
+        "train_config.json",
+        "metrics.json",
+        "train_log.jsonl",
+    }
     assert (out / "adapters" / "default" / "adapter_config.json").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["loss_history"]) == 3 and {"eval_before", "eval_after"} <= set(metrics)

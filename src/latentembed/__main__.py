@@ -24,10 +24,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub.add_parser("eval", help="nDCG@10, MRR@10 and recall@k on a BEIR-style JSONL set (eval -h)")
     sub.add_parser("info", help="versions, GPU, CUDA extension and the backend each op would use")
     bench = sub.add_parser("bench", help="benchmark the ops on the current device")
-    bench.add_argument("--op", action="append", help="op to benchmark (repeatable; default: all)")
+    bench.add_argument(
+        "--op", action="append", help="op to benchmark (repeatable; default: all but train_step, run when named)"
+    )
     bench.add_argument("--impl", action="append", help="only these implementations (repeatable)")
     bench.add_argument("--json", help="also write the measurements to this JSON file")
     bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--model", help="train_step only: the model directory (default: a tiny random model)")
+    bench.add_argument(
+        "--quick", action="store_true", help="skip what no target needs (torch.compile and external baselines)"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -35,10 +41,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         print(info())
     else:
-        from .bench import run_benchmarks
+        from .bench import BenchmarkFailure, run_benchmarks
 
         try:
-            print(run_benchmarks(args.op, args.json, args.impl, args.device))
+            print(run_benchmarks(args.op, args.json, args.impl, args.device, model=args.model, quick=args.quick))
+        except BenchmarkFailure as e:  # the others ran: print everything, exit 1
+            print(e.report)
+            return 1
         except ValueError as e:
             parser.error(str(e))
     return 0

@@ -530,3 +530,71 @@ def test_benchmark_runs_at_a_tiny_size_on_cpu():
     assert all(r.median_ms > 0 and r.tflops > 0 for r in rows)
     assert "folded+compile" in skipped or "folded+compile" not in {r.impl for r in rows}
     assert "targets: stated for the GPU case" in bench.summarize(rows)
+
+
+class _OpRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """(op name, output dtypes and shapes) of every aten op while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self.calls.append((str(func), [(t.dtype, tuple(t.shape)) for t in outs if isinstance(t, torch.Tensor)]))
+        return out
+
+
+@pytest.mark.parametrize("backend", [BACKENDS[1]])
+def test_half_forward_makes_no_float32_copy_of_the_residual_rows(backend):
+    # LN2 reads the half-precision rows with float32 weights (mixed-dtype layer_norm) and the
+    # residual's mean is written in float32 by the op (out_dtype): no [T', D] float32 tensor.
+    cfg = CONFIGS["D64-R32-H2-d64-f4-raw"]
+    _, fast = make_modules(cfg, backend)
+    fast.to(torch.float16)
+    for p in fast.cross_attend_blocks[1].norm.parameters():
+        p.data = p.data.float()  # LN2's affine parameters in float32, as under autocast
+    hidden, mask = random_batch(4, 16, cfg["hidden_size"], dtype=torch.float16)
+    rows = int(mask.sum())
+    with torch.no_grad(), _OpRecorder() as rec:
+        fast(hidden, mask)
+    wide = [c for c, outs in rec.calls if (torch.float32, (rows, cfg["hidden_size"])) in outs]
+    assert not wide, wide
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_num_pooled_gives_the_same_result_without_reading_the_device(backend):
+    cfg = CONFIGS["D48-R7-H3-d16-f2"]
+    _, fast = make_modules(cfg, backend)
+    hidden, mask = random_batch(5, 9, cfg["hidden_size"])
+    expected = fast(hidden, mask)
+    count = int(mask.sum())
+    torch.testing.assert_close(fast(hidden, mask, num_pooled=count), expected, rtol=0, atol=0)
+    packed, cu = hidden.reshape(-1, cfg["hidden_size"]), torch.arange(6, dtype=torch.int32) * 9
+    out = fast(packed, mask.reshape(-1), cu_seqlens=cu, num_pooled=count, validate=False)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=rf"num_pooled must be the number of nonzero pool_mask entries, {count}, got"):
+        fast(hidden, mask, num_pooled=count + 1)
+    # validate=False with the count: nothing data-dependent (nonzero, item) runs.
+    with torch.no_grad(), _OpRecorder() as rec:
+        fast(hidden, mask, num_pooled=count, validate=False)
+    reads = [c for c, _ in rec.calls if "nonzero." in c or "_local_scalar_dense" in c or "masked_select" in c]
+    assert not reads, reads
+
+
+@pytest.mark.gpu
+def test_num_pooled_forward_never_syncs_on_gpu():
+    cfg = CONFIGS["D64-R32-H2-d64-f4-raw"]
+    _, fast = make_modules(cfg, "auto")
+    fast.to(torch.bfloat16).eval()
+    hidden, mask = random_batch(4, 40, cfg["hidden_size"], dtype=torch.bfloat16)
+    count = int(mask.sum())
+    with torch.no_grad():
+        fast(hidden, mask, num_pooled=count, validate=False)  # warm-up: autotuning syncs
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fast(hidden, mask, num_pooled=count, validate=False)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)

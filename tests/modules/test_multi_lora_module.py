@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from latentembed.modules import adapter_routing as routing_mod
 from latentembed.modules import lora as lora_mod
 from latentembed.modules.lora import MultiLoRALinear, lora_routing
+from latentembed.modules.lora_dropout import draw_seed, seeded_dropout
 from tests.tolerances import assert_within_budget
 
 from .multi_lora_helpers import ADAPTERS, RANKS, backend_params, random_layer, reference_forward
@@ -268,7 +269,8 @@ def test_dropout_applies_to_the_adapter_input_only():
         torch.manual_seed(7)
         out = layer(x)
         torch.manual_seed(7)
-        dropped = F.dropout(x.reshape(-1, layer.in_features), 0.5, True)
+        # The layer's mask comes from a seed drawn from the default generator (modules/lora_dropout.py)
+        dropped = seeded_dropout(x.reshape(-1, layer.in_features), 0.5, draw_seed())
     base = F.linear(x.reshape(-1, layer.in_features), layer.weight, layer.bias).double()
     lora_only, _ = reference_forward(layer, dropped, rows)
     lora_only -= F.linear(dropped.double(), layer.weight.double(), layer.bias.double())

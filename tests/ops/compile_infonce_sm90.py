@@ -1,23 +1,22 @@
 """Compile the infonce_lse Triton kernels for the H100 (sm_90) down to a cubin, without a GPU.
 
 Run as a script (`python tests/ops/compile_infonce_sm90.py [all]`) where TRITON_INTERPRET is
-unset. Without `all` it compiles one variant per kernel and mode (what CPU CI runs, ~5
-compiles); `all` adds every autotune config and option set. Prints one line per compiled
-variant; exits non-zero on the first failure.
+unset. Every variant is specialised as an aligned launch (contiguous, 16-divisible sizes, D a
+multiple of BLOCK_D) and must compile without register spills (``sm90_common.compile_checked``).
+Without ``all`` (CPU CI, ~16 compiles): every shipped configuration of the benchmark's option
+set (the positive only) forward and backward in bf16, the fewest-masks and all-masks option sets
+with each configuration the autotuner may pick for them, and fp32. ``all`` adds more option
+sets and fp16. Prints one line per compiled variant with its registers, spills, shared memory
+and occupancy; exits non-zero on the first failure.
 """
 
-import os
 import sys
 
-assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET to compile kernels"
+from sm90_common import aligned, compile_checked  # a sibling when run as a script
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from latentembed.bench.sm90 import jit_function
+from latentembed.ops.infonce import triton as tri
 
-from latentembed.ops.infonce import triton as tri  # noqa: E402
-
-H100 = GPUTarget("cuda", 90, 32)
 PTR = {
     "q_ptr": "data",
     "d_ptr": "data",
@@ -30,73 +29,82 @@ PTR = {
     "spos_ptr": "fp32",
     "lse_ptr": "fp32",
     "g_ptr": "fp32",
-    "ds_ptr": "data",
+    "dst_ptr": "data",
     "m_part_ptr": "fp32",
     "l_part_ptr": "fp32",
     "c_part_ptr": "i32",
     "dscale_part_ptr": "fp32",
 }
 FWD_ONLY = {"spos_ptr", "m_part_ptr", "l_part_ptr", "c_part_ptr"}
-BWD_ONLY = {"lse_ptr", "g_ptr", "ds_ptr", "dscale_part_ptr"}
+BWD_ONLY = {"lse_ptr", "g_ptr", "dst_ptr", "dscale_part_ptr"}
 FLAG_PTRS = {
     "HAS_POS": ["pos_index_ptr", "spos_ptr"],
     "HAS_OWNER": ["doc_owner_ptr"],
     "HAS_KEY": ["doc_key_ptr", "pos_key_ptr"],
     "HAS_MARGIN": ["bound_ptr"],
 }
+FLAGS = ("HAS_POS", "HAS_OWNER", "HAS_KEY", "HAS_THRESHOLD", "HAS_MARGIN", "EXCLUDE_DIAG")
+# Option sets by name (the flags that are on): the benchmark's, none, every mask, and the
+# combinations the loss module uses.
+OPTION_SETS = {
+    "pos": ("HAS_POS",),
+    "none": (),
+    "all": FLAGS,
+    "pos-key": ("HAS_POS", "HAS_KEY"),
+    "pos-owner": ("HAS_POS", "HAS_OWNER"),
+    "pos-key-diag": ("HAS_POS", "HAS_KEY", "EXCLUDE_DIAG"),
+    "pos-threshold": ("HAS_POS", "HAS_THRESHOLD"),
+    "pos-margin-key": ("HAS_POS", "HAS_MARGIN", "HAS_KEY"),
+    "key-poskey-diag": ("HAS_KEY", "EXCLUDE_DIAG"),
+}
+QUICK = [("pos", "bf16"), ("none", "bf16"), ("all", "bf16"), ("pos", "fp32"), ("all", "fp32")]
 
 
-def tile_variants():
-    """(name, kernel, signature, constexprs, num_warps, num_stages) of the score-tile kernel."""
-    names = [p.name for p in tri._infonce_tile_kernel.fn.params if not p.is_constexpr]
-    every = dict(HAS_POS=True, HAS_OWNER=True, HAS_KEY=True, HAS_THRESHOLD=True, HAS_MARGIN=True, EXCLUDE_DIAG=True)
-    none = {k: False for k in every}
-    cases = [
-        ("bf16", every, False, tri.GPU_CONFIGS),
-        ("bf16", every, True, tri.GPU_CONFIGS[:1]),
-        ("bf16", none, False, tri.GPU_CONFIGS[:1]),
-        ("bf16", none, True, tri.GPU_CONFIGS[:1]),
-        ("fp16", every, True, tri.GPU_CONFIGS[:1]),
-        ("fp32", every, False, tri.GPU_CONFIGS[:1]),
-    ]
-    for dtype, flags, backward, configs in cases:
-        signature, constexprs = {}, {}
-        for n in names:
-            kind = PTR.get(n)
-            absent = (
-                (n in FWD_ONLY and backward)
-                or (n in BWD_ONLY and not backward)
-                or any(n in ptrs and not flags[f] for f, ptrs in FLAG_PTRS.items())
-            )
-            if n == "spos_ptr" and backward:
-                absent = True
-            if kind is not None and absent:
-                signature[n], constexprs[n] = "constexpr", None
-            elif kind is not None:
-                signature[n] = "*" + (dtype if kind == "data" else kind)
-            else:
-                signature[n] = "fp32" if n == "threshold" else "i32"
-        for bm, bn, bd, warps, stages in configs:
-            cx = {
-                **constexprs,
-                **flags,
-                "SUB_POS": backward and flags["HAS_POS"],
-                "BACKWARD": backward,
-                "PRECISION": tri._precision(_torch_dtype(dtype)),
-                "BLOCK_M": bm,
-                "BLOCK_N": bn,
-                "BLOCK_D": bd,
-            }
-            sig = {**signature, **{k: "constexpr" for k in cx}}
-            flag_name = "all-options" if flags["HAS_POS"] else "no-options"
-            yield (
-                f"tile {'bwd' if backward else 'fwd'} {dtype} {flag_name} M{bm}-N{bn}-D{bd}-w{warps}-s{stages}",
-                tri._infonce_tile_kernel,
-                sig,
-                cx,
-                warps,
-                stages,
-            )
+def tile_variant(option_set: str, dtype: str, backward: bool, config: tuple):
+    """(name, signature, constexprs, attrs, num_warps, num_stages) of one tile-kernel variant."""
+    flags = {f: f in OPTION_SETS[option_set] for f in FLAGS}
+    names = [p.name for p in jit_function(tri._infonce_tile_kernel).params if not p.is_constexpr]
+    signature, constexprs = {}, {}
+    for n in names:
+        kind = PTR.get(n)
+        absent = (
+            (n in FWD_ONLY and backward)
+            or (n in BWD_ONLY and not backward)
+            or any(n in ptrs and not flags[f] for f, ptrs in FLAG_PTRS.items())
+        )
+        if kind is not None and absent:
+            signature[n], constexprs[n] = "constexpr", None
+        elif kind is not None:
+            signature[n] = "*" + (dtype if kind == "data" else kind)
+        else:
+            signature[n] = "fp32" if n == "threshold" else "i32"
+    bm, bn, bd, warps, stages = config
+    constexprs.update(
+        flags,
+        SUB_POS=backward and flags["HAS_POS"],
+        BACKWARD=backward,
+        PRECISION="ieee" if dtype == "fp32" else "tf32",
+        EVEN_D=True,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=bd,
+    )
+    signature.update({k: "constexpr" for k in constexprs})
+    name = f"tile {'bwd' if backward else 'fwd'} {dtype} {option_set} M{bm}-N{bn}-D{bd}-w{warps}-s{stages}"
+    return (name, *aligned(signature, constexprs, []), warps, stages)
+
+
+def variants(everything: bool):
+    """Every shipped configuration (what the autotuner may try) of the chosen option sets."""
+    pairs = [(o, t) for o in OPTION_SETS for t in ("bf16", "fp16", "fp32")] if everything else QUICK
+    for option_set, dtype in pairs:
+        masks = any(f != "HAS_POS" for f in OPTION_SETS[option_set])
+        for backward in (False, True):
+            for config in tri.shipped_configs(dtype == "fp32", backward, masks):
+                yield tile_variant(option_set, dtype, backward, config)
+
+
+def positive_score_variants():
     for dtype in ("bf16", "fp32"):
         sig = {
             "q_ptr": f"*{dtype}",
@@ -108,55 +116,18 @@ def tile_variants():
             "stride_d": "i32",
             "BLOCK_D": "constexpr",
         }
-        yield f"positive score {dtype}", tri._positive_score_kernel, sig, {"BLOCK_D": 1024}, 4, 1
-        sig = {
-            "a_ptr": f"*{dtype}",
-            "b_ptr": f"*{dtype}",
-            "c_ptr": "*fp32",
-            "M": "i32",
-            "K": "i32",
-            "Ncol": "i32",
-            "stride_a": "i32",
-            "stride_b": "i32",
-            "stride_c": "i32",
-            "PRECISION": "constexpr",
-            "BLOCK_M": "constexpr",
-            "BLOCK_N": "constexpr",
-            "BLOCK_K": "constexpr",
-        }
-        cx = {"PRECISION": tri._precision(_torch_dtype(dtype)), "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}
-        yield f"accumulate matmul {dtype}", tri._matmul_accumulate_kernel, sig, cx, 8, 3
-
-
-def _torch_dtype(name):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-QUICK = (
-    "tile fwd bf16 all-options M128-N128-D64-w8-s3",
-    "tile bwd bf16 all-options M128-N128-D64-w8-s3",
-    "tile fwd fp32 all-options M128-N128-D64-w8-s3",
-    "positive score bf16",
-    "accumulate matmul bf16",
-)
+        yield (f"positive score {dtype}", *aligned(sig, {"BLOCK_D": 1024}, []), 4, 1)
 
 
 def main(argv):
-    for name, kernel, signature, constexprs, warps, stages in tile_variants():
-        if "all" not in argv and name not in QUICK:
-            continue
-        fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(src, target=H100, options={"num_warps": warps, "num_stages": stages})
-        assert compiled.asm.get("cubin"), f"{name}: no cubin"
-        ptx = compiled.asm["ptx"]
-        assert "st.global" in ptx, f"{name}: the kernel stores nothing"
-        if "tile" in name and "bf16" in name:
-            # The score tiles must run on tensor cores (Hopper wgmma or mma).
-            assert "wgmma" in ptx or "mma.sync" in ptx, f"{name}: no tensor-core instruction"
-        print("compiled", name, flush=True)
+    everything = "all" in argv
+    for name, signature, constexprs, attrs, warps, stages in variants(everything):
+        # The score tiles of 16-bit inputs must run on tensor cores (Hopper wgmma or mma).
+        compile_checked(
+            name, tri._infonce_tile_kernel, signature, constexprs, attrs, warps, stages, tensor_cores="fp32" not in name
+        )
+    for name, signature, constexprs, attrs, warps, stages in positive_score_variants():
+        compile_checked(name, tri._positive_score_kernel, signature, constexprs, attrs, warps, stages)
 
 
 if __name__ == "__main__":

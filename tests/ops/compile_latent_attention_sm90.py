@@ -1,37 +1,30 @@
 """Compile the latent-attention Triton kernels for the H100 (sm_90) down to a cubin, without a GPU.
 
 Run as a script (`python tests/ops/compile_latent_attention_sm90.py [--all]`) in a process where
-TRITON_INTERPRET is unset. By default (CI, about 10 s of CPU): every kernel in bf16 with its
-first autotune config at NV-Embed-v2's size (R = 512 latents), and the score kernel in fp32 (its
-IEEE dot path). ``--all`` adds every bf16 config that survives the kernels' own pruning, a small
-R, and fp16 and fp32 for every dot kernel. Prints one
-line per compiled variant; exits non-zero on the first failure.
+TRITON_INTERPRET is unset. Every variant is specialised as an aligned launch and must compile
+without register spills (``sm90_common.compile_checked``). By default (CPU CI): every shipped
+configuration of every kernel in bf16 at NV-Embed-v2's size (R = 512 latents), the score kernel
+also at R = 16 and in fp32, and dM's fp32 configurations. ``--all`` adds every R from 16 to 512
+and fp16 / fp32 for every kernel. Prints one line per compiled variant with its resources;
+exits non-zero on the first failure.
 """
 
-import os
 import sys
 
-assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET to compile kernels"
+from sm90_common import aligned, compile_checked  # a sibling when run as a script
 
-import triton  # noqa: E402
-from compile_masked_mean_sm90 import H100, aligned  # noqa: E402  (a sibling when run as a script)
-from triton.compiler import ASTSource  # noqa: E402
+from latentembed.bench.sm90 import jit_function
+from latentembed.ops.latent_attention import triton as lat
 
-from latentembed.ops.latent_attention import triton as lat  # noqa: E402
-
-# Pointers in the data dtype; the rest are fp32 (LayerNorm statistics, parameters, partial sums)
-# or int32 (cu_seqlens).
-FP32_PTRS = {"w_ptr", "b_ptr", "mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr"}
+# Pointers in the data dtype; the rest are fp32 (LayerNorm statistics, parameters, partial sums,
+# the fp32 dP of the softmax backward) or int32 (cu_seqlens).
+FP32_PTRS = {"w_ptr", "b_ptr", "mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr", "dp_ptr"}
 FLOAT_ARGS = {"eps"}
-
-
-def _jit(kernel):
-    return kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
 
 
 def _signature(kernel, dtype):
     sig = {}
-    for p in _jit(kernel).params:
+    for p in jit_function(kernel).params:
         if p.is_constexpr:
             continue
         if p.name.endswith("_ptr"):
@@ -41,23 +34,17 @@ def _signature(kernel, dtype):
     return sig
 
 
-def _configs(kernel, block_r):
+def _shipped(kernel, dtype, block_r):
+    """The configurations the autotuner may try for this dtype (and R), after the kernel's pruning."""
     configs = kernel.configs
-    if block_r is not None:
-        configs = lat._prune_score_tiles(configs, {}, BLOCK_R=block_r)
-    return configs
+    prune = kernel.early_config_prune
+    if prune is None:
+        return configs
+    import torch
 
-
-def _pick(name, configs, dtype, dot, everything):
-    if everything:
-        return configs if dtype == "bf16" else configs[:1] if dot else []
-    if dtype == "bf16" or (dtype == "fp32" and name == "scores_softmax"):
-        return configs[:1]
-    return []
-
-
-# The most dynamic shared memory one block may use on sm_90 (227 KiB).
-H100_MAX_SHARED_BYTES = 232448
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    probe = torch.empty(0, dtype=torch_dtype)
+    return prune(configs, {}, BLOCK_R=block_r, ds_ptr=probe, x_ptr=probe)
 
 
 def variants(everything=False):
@@ -65,18 +52,22 @@ def variants(everything=False):
     kernels = [
         ("ln_stats", lat._ln_stats_kernel, False, None),
         ("scores_softmax", lat._scores_softmax_kernel, True, 512),
-        ("dscores", lat._dscores_kernel, True, 512),
+        ("softmax_bwd", lat._softmax_bwd_kernel, False, 512),
         ("dm", lat._dm_kernel, True, None),
         ("geglu_fwd", lat._geglu_mean_fwd_kernel, False, None),
         ("geglu_bwd", lat._geglu_mean_bwd_kernel, False, None),
     ]
     for dtype in ("bf16", "fp16", "fp32"):
         for name, kernel, dot, block_r in kernels:
-            configs = _configs(kernel, block_r)
-            small_r = [16] if block_r is not None and dtype == "bf16" and everything else []
-            for r in ([block_r] if block_r else [None]) + small_r:
-                picked = _pick(name, configs, dtype, dot, everything)
-                for cfg in picked if r == block_r else _configs(kernel, r)[:1]:
+            if dtype == "fp16" and not everything:
+                continue
+            if dtype == "fp32" and not everything and name not in ("scores_softmax", "dm"):
+                continue
+            rs = [block_r] if block_r is None else ([16, 64, 128, 256, 512] if everything else [512, 16])
+            if dtype == "fp32" and name == "scores_softmax" and not everything:
+                rs = [512]
+            for r in rs:
+                for cfg in _shipped(kernel, dtype, r):
                     constexprs = dict(cfg.kwargs)
                     if dot:
                         constexprs["IEEE"] = dtype == "fp32"
@@ -101,19 +92,19 @@ def variants(everything=False):
 
 def main(everything):
     for name, kernel, signature, constexprs, attrs, warps, stages, dot in variants(everything):
-        src = ASTSource(fn=_jit(kernel), signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=H100, options={"num_warps": warps, "num_stages": stages})
-        ptx = compiled.asm["ptx"]
-        assert compiled.asm.get("cubin"), f"{name}: no cubin"
-        # Triton only checks shared memory at launch: catch a config that cannot run here.
-        shared = compiled.metadata.shared
-        assert shared <= H100_MAX_SHARED_BYTES, f"{name}: needs {shared} B of shared memory > {H100_MAX_SHARED_BYTES}"
-        assert "st.global" in ptx, f"{name}: the kernel stores nothing"
-        if dot:  # half-precision dots must run on tensor cores
-            assert "mma" in ptx, f"{name}: no tensor-core (mma/wgmma) instruction in the PTX"
-        if name.startswith("geglu") and " bf16 " in name:  # bandwidth-bound: 16-byte accesses
-            assert "ld.global.v4" in ptx, f"{name}: no 16-byte loads in the PTX"
-        print("compiled", name, f"w{warps}-s{stages}", flush=True)
+        # Bandwidth-bound GEGLU kernels must use 16-byte accesses on aligned bf16 input.
+        wide = "ld.global.v4" if name.startswith("geglu") and " bf16 " in name else ""
+        compile_checked(
+            f"{name} w{warps}-s{stages}",
+            kernel,
+            signature,
+            constexprs,
+            attrs,
+            warps,
+            stages,
+            tensor_cores=dot,
+            wide_access=wide,
+        )
 
 
 if __name__ == "__main__":

@@ -1,35 +1,38 @@
 """Compile the multi-LoRA Triton kernels for the H100 (sm_90) down to a cubin, without a GPU.
 
 Run as a script (`python tests/ops/compile_multi_lora_sm90.py [fwd|bwd|grad|quick ...]`) with
-TRITON_INTERPRET unset. Prints one line per compiled variant; exits non-zero on the first failure.
-The full set (every autotune config, dtype and flag combination, ~90 builds) takes minutes on a
-2-core machine; ``quick`` (what CPU CI runs) builds one variant of each distinct code path.
+TRITON_INTERPRET unset. Every aligned variant must compile without register spills
+(``sm90_common.compile_checked``). Prints one line per compiled variant with its resources;
+exits non-zero on the first failure. The full set (every shipped configuration of each dtype,
+flag combination and rank class, ~150 builds) takes many minutes on a 2-core machine; ``quick``
+(what CPU CI runs) builds one variant of each distinct code path, the largest rank class in
+bf16 and fp32 included.
 """
 
-import os
 import sys
 
-assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET to compile kernels"
+from sm90_common import aligned, compile_checked  # a sibling when run as a script
 
-import triton  # noqa: E402
-from compile_masked_mean_sm90 import H100, aligned  # noqa: E402  (a sibling when run as a script)
-from triton.compiler import ASTSource  # noqa: E402
-
-from latentembed.ops.multi_lora import triton as ml  # noqa: E402
-from latentembed.ops.multi_lora.grouping import BLOCK_M  # noqa: E402
+from latentembed.bench.sm90 import jit_function
+from latentembed.ops.multi_lora import triton as ml
+from latentembed.ops.multi_lora.grouping import BLOCK_M
 
 DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 
 def _signature(kernel, pointers: dict) -> dict:
-    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-    sig = {p.name: "i32" for p in fn.params if not p.is_constexpr}
+    sig = {p.name: "i32" for p in jit_function(kernel).params if not p.is_constexpr}
     sig.update(pointers)
     return sig
 
 
-def shrink_expand_variants(kind: str):
-    """fwd: base added, h stored. bwd: no base, h stored (dA needed) or not, dx stored or not."""
+RANKS = (16, 32, 64, 128)  # every R_PAD class (rank_pad: powers of two from 16; the op takes R <= 128)
+
+
+def shrink_expand_variants(kind: str, everything: bool = True):
+    """fwd: base added, h stored. bwd: no base, h stored (dA needed) or not, dx stored or not.
+    Every shipped configuration of each dtype at every rank class (``everything``), plus one
+    strided (generic) build per dtype and mode."""
     kernel = ml._shrink_expand_kernel
     modes = [(True, True, True)] if kind == "fwd" else [(False, True, True), (False, False, True), (False, True, False)]
     # Unit strides of contiguous tensors. Forward: x, base, out row-major, W1 = A [T, R, in]
@@ -40,7 +43,7 @@ def shrink_expand_variants(kind: str):
     else:
         unit = ["stride_xk", "stride_ym", "stride_w1r", "stride_w2m"]
     for dtype, ptr in DTYPES.items():
-        configs = ml.SHRINK_EXPAND_CONFIGS if dtype == "bf16" else ml.SHRINK_EXPAND_CONFIGS[:1]
+        configs = ml.shipped_configs("shrink_expand", dtype == "fp32")
         for has_base, store_h, store_y in modes:
             pointers = {n: ptr for n in ("x_ptr", "w1_ptr", "w2_ptr", "base_ptr", "y_ptr")}
             pointers.update(scale_ptr="*fp32", h_ptr="*fp32", rows_ptr="*i64", blocks_ptr="*i32")
@@ -53,9 +56,9 @@ def shrink_expand_variants(kind: str):
             }
             if not has_base:
                 flags["base_ptr"] = None
-            for r_pad in (16, 64):
+            for r_pad in RANKS:
                 for i, (sub_m, bk, bn, split, warps, stages) in enumerate(configs):
-                    if r_pad != 16 and i:
+                    if not everything and (i or r_pad != 16):
                         continue
                     constexprs = {
                         **flags,
@@ -75,14 +78,14 @@ def shrink_expand_variants(kind: str):
                         yield name + " strided", kernel, sig, constexprs, {}, warps, stages
 
 
-def weight_grad_variants():
+def weight_grad_variants(everything: bool = True):
     partial = ml._weight_grad_partial_kernel
     for dtype, ptr in DTYPES.items():
-        configs = ml.PARTIAL_CONFIGS if dtype == "bf16" else ml.PARTIAL_CONFIGS[:1]
+        configs = ml.shipped_configs("partial", dtype == "fp32")
         pointers = {"h_ptr": "*fp32", "x_ptr": ptr, "rows_ptr": "*i64", "rblocks_ptr": "*i32", "part_ptr": "*fp32"}
-        for r_pad in (16, 64):
+        for r_pad in RANKS:
             for i, (bk, warps, stages) in enumerate(configs):
-                if r_pad != 16 and i:
+                if not everything and (i or r_pad != 16):
                     continue
                 constexprs = {
                     "R_PAD": r_pad,
@@ -100,23 +103,34 @@ def weight_grad_variants():
         yield f"multi_lora sum_partials {dtype} strided", summed, sig, constexprs, {}, 4, 1
 
 
-# Name fragments of the quick set: each kernel, flag combination and tile shape class once.
-QUICK = (
-    "fwd bf16 base1 h1 y1 R16 M64-K64-N128-S1-w4-s3 aligned",
-    "fwd bf16 base1 h1 y1 R16 M32-K128-N128-S2-w4-s3 aligned",
-    "fwd fp32 base1 h1 y1 R16 M64-K64-N128-S1-w4-s3 strided",
-    "bwd bf16 base0 h1 y1 R64 M64-K64-N128-S1-w4-s3 aligned",
-    "bwd fp16 base0 h1 y0 R16 M64-K64-N128-S1-w4-s3 aligned",
-    "weight_grad_partial bf16 R16 K128-w4-s3 aligned",
-    "sum_partials bf16 strided",
-)
+def _quick_names():
+    """Each kernel, flag combination and tile shape class once, and the largest rank class (128)
+    with the first shipped configuration of bf16 and of fp32 (where spills appeared)."""
+    half, fp32 = ml.shipped_configs("shrink_expand", False), ml.shipped_configs("shrink_expand", True)
+    tile = "M{}-K{}-N{}-S{}-w{}-s{}".format
+    p_half, p_fp32 = ml.shipped_configs("partial", False), ml.shipped_configs("partial", True)
+    part = "K{}-w{}-s{}".format
+    return (
+        f"fwd bf16 base1 h1 y1 R16 {tile(*half[0])} aligned",
+        f"fwd bf16 base1 h1 y1 R16 {tile(*half[1])} aligned",
+        f"fwd bf16 base1 h1 y1 R128 {tile(*half[0])} aligned",
+        f"fwd fp32 base1 h1 y1 R16 {tile(*fp32[0])} strided",
+        f"fwd fp32 base1 h1 y1 R128 {tile(*fp32[0])} aligned",
+        f"bwd bf16 base0 h1 y1 R64 {tile(*half[0])} aligned",
+        f"bwd fp16 base0 h1 y0 R16 {tile(*half[0])} aligned",
+        f"bwd fp32 base0 h1 y1 R128 {tile(*fp32[0])} aligned",
+        f"weight_grad_partial bf16 R16 {part(*p_half[1])} aligned",
+        f"weight_grad_partial fp32 R128 {part(*p_fp32[0])} aligned",
+        "sum_partials bf16 strided",
+    )
 
 
 def _variants(kind):
     if kind == "quick":
         every = [*shrink_expand_variants("fwd"), *shrink_expand_variants("bwd"), *weight_grad_variants()]
-        chosen = [v for v in every if any(v[0].endswith(q) for q in QUICK)]
-        assert len(chosen) == len(QUICK), [v[0] for v in chosen]
+        quick = _quick_names()
+        chosen = [v for v in every if any(v[0].endswith(q) for q in quick)]
+        assert len(chosen) == len(quick), [v[0] for v in chosen]
         return chosen
     return weight_grad_variants() if kind == "grad" else shrink_expand_variants(kind)
 
@@ -124,16 +138,21 @@ def _variants(kind):
 def main(kinds):
     for kind in kinds:
         for name, kernel, signature, constexprs, attrs, warps, stages in _variants(kind):
-            fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-            src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-            compiled = triton.compile(src, target=H100, options={"num_warps": warps, "num_stages": stages})
-            ptx = compiled.asm["ptx"]
-            assert compiled.asm.get("cubin"), f"{name}: no cubin"
-            assert "st.global" in ptx, f"{name}: the kernel stores nothing"
-            if "shrink_expand" in name and name.endswith("aligned") and "bf16" in name:
-                # The tile dots must run on the tensor cores (Hopper wgmma or mma).
-                assert "wgmma" in ptx or "mma.sync" in ptx, f"{name}: no tensor-core instruction"
-            print("compiled", name, flush=True)
+            aligned_launch = name.endswith("aligned")
+            compile_checked(
+                name,
+                kernel,
+                signature,
+                constexprs,
+                attrs,
+                warps,
+                stages,
+                # The tile dots of 16-bit inputs must run on the tensor cores (wgmma or mma).
+                tensor_cores="shrink_expand" in name and aligned_launch and " fp32 " not in name,
+                # Spills are checked on aligned launches, the shipped fast path (a strided build
+                # is a compile check of the generic path only).
+                spill_free=aligned_launch,
+            )
 
 
 if __name__ == "__main__":

@@ -31,15 +31,18 @@ from tests.ops.infonce_helpers import (
 DTYPES = dtype_params(bf16_marks=BF16_ON_GPU)
 
 
-@pytest.fixture(autouse=True)
-def small_groups(monkeypatch):
-    # Several document groups per row block and several backward chunks even at test sizes, so
-    # the merge of partial results and the chunk loop are exercised.
+@pytest.fixture(autouse=True, params=["auto-plan", "chunked"])
+def small_groups(monkeypatch, request):
+    # Several document groups per row block and several dd blocks / backward chunks even at test
+    # sizes, so the merge of partial results and the block loops are exercised; every test runs
+    # with the automatic memory plan (one pass where B <= D) and with the chunked plan forced.
     from latentembed.ops.infonce import triton as tri
 
     if not HAS_GPU:
         monkeypatch.setattr(tri, "GROUP_DOCS", 16)
         monkeypatch.setattr(tri, "CHUNK_DOCS", 32)
+    if request.param == "chunked":
+        monkeypatch.setattr(tri, "ONE_PASS", False)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -150,11 +153,14 @@ def test_function_can_be_applied_directly():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_large_shapes_on_gpu(backend, dtype):
-    # Several groups, five backward chunks (B = 4100 > 4096 makes both backends pick their
-    # minimum, 1024-document chunks: 4 full ones and a 3-document tail) and the autotuned block
-    # sizes, at realistic sizes.
-    B, N, D = 4100, 4099, 4096
+@pytest.mark.parametrize("shape", [(4100, 4099, 4096), (2000, 8195, 4096)], ids=["chunked", "one-pass"])
+def test_large_shapes_on_gpu(backend, dtype, shape):
+    # Several groups and the autotuned block sizes at realistic sizes. B = 4100 > D: the Triton
+    # backend's chunked plan (1024-document chunks: 4 full ones and a 3-document tail, dq
+    # accumulated in fp32 through cuBLAS with an fp32 output); B = 2000 <= D: the one-pass plan
+    # (dq one GEMM over all documents, dd in blocks, the last one partial). The CUDA backend
+    # chunks both.
+    B, N, D = shape
     q = torch.nn.functional.normalize(torch.randn(B, D, device=DEVICE), dim=1).to(dtype)
     d = torch.nn.functional.normalize(torch.randn(N, D, device=DEVICE), dim=1).to(dtype)
     opts = make_options("pos-owner-key-diag", q, d)
@@ -175,19 +181,18 @@ def test_default_pos_key_is_the_positives_key(backend):
     assert torch.equal(implicit[0], explicit[0]) and torch.equal(implicit[1], explicit[1])
 
 
-def test_backward_chunks_keep_the_grid_within_cuda_limits(monkeypatch):
-    # B = 1 asks for 2^22-document chunks; at N >= 2^24 an uncapped chunk would need more than
-    # 65535 groups along the grid's y dimension. Same cap in csrc/infonce/bindings.cpp.
+def test_launches_keep_the_grid_within_cuda_limits(monkeypatch):
+    # B = 1 asks for few, huge document groups; at N >= 2^24 an uncapped group count would exceed
+    # the 65535 blocks of the grid's y dimension. Same cap in csrc/infonce/bindings.cpp.
     from latentembed.ops.infonce import triton as tri
+    from latentembed.ops.infonce.plan import backward_plan
 
-    monkeypatch.setattr(tri, "CHUNK_DOCS", None)
     monkeypatch.setattr(tri, "GROUP_DOCS", None)
-    for B, N in [(1, 1 << 24), (1, (1 << 26) + 5), (3, 1 << 30), (4096, 16384)]:
-        for group in (16, 256):
-            chunk = tri._chunk_docs(B, N, group)
-            assert chunk % group == 0 and -(-chunk // group) <= 65535, (B, N, group, chunk)
-        assert -(-N // tri._group_docs(B, N, torch.device("cpu"))) <= 65535
-    assert tri._chunk_docs(4096, 16384, 256) == 1024  # 8 MiB of bf16 dS at the target shape
+    for B, N in [(1, 1 << 24), (1, (1 << 26) + 5), (3, 1 << 30), (4096, 16384), (8192, 1 << 20)]:
+        group = tri._group_docs(B, N, torch.device("cpu"))
+        assert -(-N // group) <= 65535, (B, N, group)
+        plan = backward_plan(B, N, 4096, torch.bfloat16)
+        assert -(-plan.chunk // tri._group_docs(B, plan.chunk, torch.device("cpu"))) <= 65535
 
 
 def test_in_place_narrowing_of_dq_is_exact():
@@ -196,10 +201,11 @@ def test_in_place_narrowing_of_dq_is_exact():
 
     acc = torch.randn(37, 13)
     for dtype in (torch.float16, torch.bfloat16):
-        for rows in (1, 4, 37, 64):
-            out = _narrow_in_place(acc.clone(), dtype, rows)
+        for scratch_rows in (0, 1, 4, 37, 64):  # 0: less than a row of scratch space
+            scratch = torch.empty(scratch_rows * 13 + 5, dtype=dtype)
+            out = _narrow_in_place(acc.clone(), dtype, scratch)
             assert out.is_contiguous() and out.shape == acc.shape
-            assert torch.equal(out, acc.to(dtype)), (dtype, rows)
+            assert torch.equal(out, acc.to(dtype)), (dtype, scratch_rows)
 
 
 @pytest.mark.parametrize("scale_kind", ["tensor", "float"])

@@ -13,10 +13,29 @@ from tests.ops.infonce_helpers import DEVICE, HAS_GPU
 
 
 @cpu_only_compile
-def test_infonce_kernels_compile_for_sm90():
+def test_infonce_kernels_compile_for_sm90_without_spills():
+    # Every configuration the autotuner may try for the benchmark's option set (and for no mask,
+    # every mask, fp32), compiled for the H100: no register spills, tensor cores for bf16.
     pytest.importorskip("triton")
+    from latentembed.ops.infonce.triton import shipped_configs
+
     compiled, stdout = run_compile_script("compile_infonce_sm90.py")
-    assert len(compiled) == 5, stdout
+    expected = 2  # the positive-score kernel, bf16 and fp32
+    for option_set, dtype in (("pos", "bf16"), ("none", "bf16"), ("all", "bf16"), ("pos", "fp32"), ("all", "fp32")):
+        masks = option_set == "all"
+        expected += sum(len(shipped_configs(dtype == "fp32", backward, masks)) for backward in (False, True))
+    assert len(compiled) == expected, stdout
+    assert all(" spills 0/0 B " in line for line in compiled), stdout
+
+
+def test_shipped_configs_prune_what_spilled():
+    # The tiles that spilled for sm_90 (compile script) are never offered: [128, 128] 16-bit tiles
+    # in a backward with masks, 16-bit tiles for fp32 input.
+    from latentembed.ops.infonce.triton import FP32_CONFIGS, HALF_CONFIGS, shipped_configs
+
+    assert shipped_configs(False, False, True) == HALF_CONFIGS
+    assert all(c[1] <= 64 for c in shipped_configs(False, True, True))
+    assert shipped_configs(True, True, False) == FP32_CONFIGS
 
 
 def test_compiles_without_graph_break():

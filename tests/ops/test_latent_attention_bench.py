@@ -14,3 +14,18 @@ def test_op_benchmark_runs_on_cpu():
     assert all(r.median_ms > 0 for r in rows)
     assert "triton" in skipped and "cuda" in skipped
     assert "no kernel backend ran" in latent_attention_ops.summarize(rows)
+
+
+def test_pooling_benchmark_compares_the_triton_and_cublas_paths():
+    # The module with each cross-attention path (auto = Triton on CUDA, the CUDA backend's cuBLAS
+    # GEMMs, the reference) times the same block; on CPU only the reference path can run.
+    from latentembed.bench import latent_attention as bench
+
+    chosen, skipped, fast = bench._implementations(torch.device("cpu"), bench.TINY, torch.float32, None, 7)
+    assert {"latentembed", "latentembed:reference", "unfolded"} <= set(chosen)
+    assert "latentembed:cuda" in skipped
+    h = torch.randn(2, 5, bench.TINY["hidden_size"])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    out = chosen["latentembed:reference"](h, mask)
+    torch.testing.assert_close(out, chosen["latentembed"](h, mask), rtol=1e-5, atol=1e-6)
+    assert fast.backend == "auto"  # each call sets its own path

@@ -12,8 +12,10 @@ from tests.ops._common import cpu_only_compile, run_compile_script  # noqa: E402
 
 
 @cpu_only_compile
-def test_latent_attention_kernels_compile_for_sm90():
+def test_latent_attention_kernels_compile_for_sm90_without_spills():
+    # Every shipped configuration of every kernel (bf16, R = 512 and 16; fp32 score and dM tiles).
     compiled, stdout = run_compile_script("compile_latent_attention_sm90.py")
     names = {line.split()[1] for line in compiled}
-    assert names == {"ln_stats", "scores_softmax", "dscores", "dm", "ln_bwd", "geglu_fwd", "geglu_bwd"}, stdout
-    assert len(compiled) == 8, stdout
+    assert names == {"ln_stats", "scores_softmax", "softmax_bwd", "dm", "ln_bwd", "geglu_fwd", "geglu_bwd"}, stdout
+    assert len(compiled) >= 25, stdout
+    assert all(" spills 0/0 B " in line for line in compiled), stdout

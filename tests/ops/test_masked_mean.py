@@ -251,3 +251,56 @@ def test_dropped_rows_never_leak(backend):
     torch.testing.assert_close(out, masked_mean_pool_ref(hidden, mask), rtol=1e-6, atol=1e-6)
     (grad,) = torch.autograd.grad(out, poisoned, torch.randn_like(out))
     assert torch.isfinite(grad).all()
+
+
+OUT_DTYPE_INPUTS = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16", marks=BF16_ON_GPU)]
+
+
+@pytest.mark.parametrize("dtype", OUT_DTYPE_INPUTS)
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_float32_out_dtype_is_the_unrounded_mean_and_keeps_the_gradient_dtype(dtype, layout):
+    # The float32 mean of half rows, rounded once to float32 (not to half), without a float32
+    # copy of hidden; hidden's gradient stays in hidden's dtype.
+    if layout == "padded":
+        hidden, mask, cu = torch.randn(3, 37, 65, dtype=dtype, device=DEVICE), random_mask(3, 37), None
+    else:
+        (hidden, cu), mask = packed([5, 0, 31, 2], 65, dtype), None
+    hidden = hidden.detach().requires_grad_()
+    out = masked_mean_pool(hidden, mask, cu_seqlens=cu, backend="triton", out_dtype=torch.float32)
+    exact_in = hidden.detach().double().requires_grad_()
+    exact = masked_mean_pool_ref(exact_in, mask, cu)
+    lowp = masked_mean_pool_ref(hidden, mask, cu, torch.float32)
+    assert out.dtype == torch.float32
+    assert_within_budget("forward", out, lowp, exact)
+    # Far more accurate than the half-precision result would be.
+    assert (out.double() - exact).abs().max() < 1e-5 * max(1.0, exact.abs().max().item())
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, hidden, grad_out)
+    (grad_lowp,) = torch.autograd.grad(lowp, hidden, grad_out)
+    (grad_exact,) = torch.autograd.grad(exact, exact_in, grad_out.double())
+    assert grad.dtype == dtype
+    assert_within_budget("grad hidden", grad, grad_lowp, grad_exact)
+
+
+def test_out_dtype_errors_and_backend_choice():
+    hidden = torch.randn(2, 4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="out_dtype must hold hidden's dtype"):
+        masked_mean_pool(hidden, backend="reference", out_dtype=torch.float16)
+    with pytest.raises(TypeError, match="out_dtype must be a floating torch.dtype or None, got torch.int32"):
+        masked_mean_pool(hidden, backend="reference", out_dtype=torch.int32)
+    from latentembed.ops.masked_mean import BACKENDS
+
+    cuda = next(b for b in BACKENDS if b.name == "cuda")
+    reason = cuda.supports(out_dtype=torch.float32, hidden_dtype=torch.bfloat16)
+    assert "out_dtype" in reason
+    assert cuda.supports(out_dtype=None, hidden_dtype=torch.bfloat16) is None
+    assert masked_mean_pool(hidden.half(), backend="reference", out_dtype=torch.float32).dtype == torch.float32
+
+
+def test_triton_out_dtype_ops_pass_opcheck():
+    from latentembed.ops.masked_mean.triton import masked_mean_bwd_triton, masked_mean_fwd_triton
+
+    hidden, cu = packed([3, 0, 4], 16, torch.float16)
+    torch.library.opcheck(masked_mean_fwd_triton, (hidden, None, cu), {"out_dtype": torch.float32})
+    grad = torch.randn(3, 16, device=DEVICE)
+    torch.library.opcheck(masked_mean_bwd_triton, (grad, None, cu, 7), {"grad_dtype": torch.float16})

@@ -17,5 +17,7 @@ from tests.ops._common import cpu_only_compile, run_compile_script  # noqa: E402
 @pytest.mark.parametrize("kind", ["fwd", "bwd"])
 def test_masked_mean_kernels_compile_for_sm90(kind):
     compiled, stdout = run_compile_script("compile_masked_mean_sm90.py", kind)
-    # 3 layouts x (bf16: every config aligned + 1 strided; fp16, fp32: 1 aligned + 1 strided)
-    assert len(compiled) == 3 * (len(GPU_CONFIGS) + 5), stdout
+    # 3 layouts x (bf16: every config aligned + 1 strided; fp16, fp32: 1 aligned + 1 strided),
+    # and bf16 with an fp32 mean (out_dtype), packed: 1 aligned + 1 strided. No register spills.
+    assert len(compiled) == 3 * (len(GPU_CONFIGS) + 5) + 2, stdout
+    assert all(" spills 0/0 B " in line for line in compiled), stdout

@@ -104,8 +104,8 @@ def test_every_launch_is_inside_the_device_guard(monkeypatch):
 
 
 def test_latent_attention_grids_take_two_million_rows(monkeypatch):
-    # T = 2**21 rows is 131,072 row blocks of 16 (the smallest BLOCK_T of the GPU configs):
-    # past CUDA's 65,535 on grid axes 1 and 2. The kernels are not run; their grids are kept and
+    # T = 2**21 rows is 524,288 row blocks of 4 (the smallest BLOCK_T of the GPU configs, the
+    # softmax backward's): past CUDA's 65,535 on grid axes 1 and 2. The kernels are not run; their grids are kept and
     # evaluated with the smallest block sizes any config uses.
     from latentembed.ops.latent_attention import triton as lat
 
@@ -126,15 +126,15 @@ def test_latent_attention_grids_take_two_million_rows(monkeypatch):
     y, probs, mean, rstd = lat.latent_attn_fwd_triton(x, w, b, m, u, 1e-5)
     lat.latent_attn_bwd_triton(torch.randn(T, D), x, w, b, m, u, probs, mean, rstd, True, True)
 
-    smallest = {"BLOCK_T": 16, "BLOCK_D": 32, "BLOCK_N": 64}
-    expected = {"_ln_stats_kernel", "_scores_softmax_kernel", "_dscores_kernel", "_dm_kernel", "_ln_bwd_kernel"}
+    smallest = {"BLOCK_T": 4, "BLOCK_D": 16, "BLOCK_N": 32}
+    expected = {"_ln_stats_kernel", "_scores_softmax_kernel", "_softmax_bwd_kernel", "_dm_kernel", "_ln_bwd_kernel"}
     assert set(grids) == expected
     for name, grid in grids.items():
         axes = tuple(grid(smallest) if callable(grid) else grid)
         assert axes[0] <= 2**31 - 1 and all(n <= MAX_GRID_YZ for n in axes[1:]), f"{name}: grid {axes}"
-    for name in ("_scores_softmax_kernel", "_dscores_kernel"):  # one program per (head, row block)
+    for name in ("_scores_softmax_kernel", "_softmax_bwd_kernel"):  # one program per (head, row block)
         axes = grids[name](smallest)
-        assert torch.Size(axes).numel() == H * T // 16, f"{name}: grid {axes}"
+        assert torch.Size(axes).numel() == H * T // 4, f"{name}: grid {axes}"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.infonce import BACKENDS, infonce_lse, infonce_per_query_loss
-from .harness import MATMUL_CEILING_TFLOPS, Measurement, measure
+from . import harness
+from .harness import MATMUL_CEILING_TFLOPS, Measurement, measure, selected
 
 OP = "infonce_lse"
 TAU = 0.02
@@ -114,8 +115,7 @@ def _baselines(device: torch.device, impls: Optional[Sequence[str]]):
             chosen["inf-cl"] = lambda q, d, labels: cal_flash_loss(q, d, labels, scale=1.0 / TAU).mean()
     except ImportError as e:
         skipped["inf-cl"] = f"not importable ({e}); pip install inf-cl==1.2.1"
-    if impls:
-        chosen = {k: v for k, v in chosen.items() if k in impls}
+    chosen = selected(chosen, impls, skipped)
     return chosen, skipped
 
 
@@ -167,7 +167,9 @@ def run(device: torch.device, copy_gbps: float, impls: Optional[Sequence[str]] =
     chosen, skipped = _baselines(device, impls)
     rows: list[Measurement] = []
     if device.type == "cuda":
-        shapes = [(B, 4 * B, 4096) for B in SCALING_B]
+        # Quick mode: the target shape and the largest (the "128k x 512k runs" target) only.
+        scaling = (SCALING_B[0], SCALING_B[-1]) if harness.QUICK else SCALING_B
+        shapes = [(B, 4 * B, 4096) for B in scaling]
         dtype = torch.bfloat16
     else:
         shapes = [(64, 256, 64)]

@@ -24,7 +24,7 @@ import torch
 
 from ..models.decoder import DecoderModel
 from ..models.decoder_config import DecoderConfig
-from .harness import MATMUL_CEILING_TFLOPS, Measurement, measure
+from .harness import MATMUL_CEILING_TFLOPS, Measurement, measure, selected
 
 OP = "decoder"
 TARGETS = {"fwd": 3.0, "fwd+bwd": 2.0}  # x transformers' causal padded real-token throughput
@@ -119,8 +119,7 @@ def run(device: torch.device, copy_gbps: float, impls: Optional[Sequence[str]] =
     s, lengths, hf, why, ours, ids, mask, cu = _build(device)
     skipped = {} if hf is not None else {"hf-causal": why, "hf-bidir": why}
     chosen = _implementations(hf, ours, ids, mask, cu, max(lengths))
-    if impls:
-        chosen = {k: v for k, v in chosen.items() if k in impls}
+    chosen = selected(chosen, impls, skipped)
     dtype_name = str(s["dtype"]).replace("torch.", "")
     case = (
         f"{dtype_name} L{s['layers']}-D{s['d']}-H{s['heads']}-KV{s['kv']}-F{s['ffn']} "

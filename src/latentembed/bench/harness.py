@@ -7,7 +7,6 @@ On the GPU ``triton.testing.do_bench`` flushes L2 between runs; on CPU a plain t
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import subprocess
 import time
@@ -21,6 +20,38 @@ import torch
 # ceiling that compute-bound benchmarks report "% of" (bandwidth-bound ones measure the copy
 # bandwidth in the same run instead).
 MATMUL_CEILING_TFLOPS = 707.0
+
+# Quick mode (``python -m latentembed bench --quick``, what scripts/gpu_check.sh runs in its one
+# call): what no target depends on is skipped, namely the torch.compile baselines (each compile
+# takes tens of seconds), the external libraries' baselines and the scaling rows between the
+# target shape and the largest one. Set by run_benchmarks.
+QUICK = False
+QUICK_SKIPS = {
+    "reference+compile": "quick mode: torch.compile baselines run with --full",
+    "folded+compile": "quick mode: torch.compile baselines run with --full",
+    "eager+compile": "quick mode: torch.compile baselines run with --full",
+    "latentembed-compiled": "quick mode: torch.compile baselines run with --full",
+    "cut-cross-entropy": "quick mode: external baselines run with --full",
+    "inf-cl": "quick mode: external baselines run with --full",
+    "peft-mixed": "quick mode: external baselines run with --full",
+    "merged-per-task": "quick mode: baselines no target uses run with --full",
+    "loop+gather": "quick mode: baselines no target uses run with --full",
+}
+
+
+def selected(chosen: dict, impls, skipped: Optional[dict] = None) -> dict:
+    """``chosen`` (name -> implementation) restricted to ``impls`` when given, without what quick
+    mode skips (recorded in ``skipped`` with the reason)."""
+    out = {}
+    for name, impl in chosen.items():
+        if impls and name not in impls:
+            continue
+        if QUICK and name in QUICK_SKIPS:
+            if skipped is not None:
+                skipped[name] = QUICK_SKIPS[name]
+            continue
+        out[name] = impl
+    return out
 
 
 @dataclass
@@ -130,7 +161,11 @@ def format_table(rows: list[Measurement]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str, env: dict, copy_gbps: float, rows: list[Measurement]) -> None:
-    payload = {"environment": env, "copy_bandwidth_gbps": copy_gbps, "results": [asdict(r) for r in rows]}
+def write_json(path: str, env: dict, copy_gbps: float, rows: list[Measurement], **extra) -> None:
+    """Every measurement with the environment, and ``extra`` sections (targets, model, kernels,
+    failures), written atomically: a run cut short leaves the last complete file."""
+    from ..atomic_io import atomic_write_json
+
+    payload = {"environment": env, "copy_bandwidth_gbps": copy_gbps, "results": [asdict(r) for r in rows], **extra}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write_json(path, payload)

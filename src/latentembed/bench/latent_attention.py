@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from ..modules.latent_attention import LatentAttentionPooling
 from ..modules.latent_attention_unfolded import UnfoldedLatentAttentionPooling
-from .harness import MATMUL_CEILING_TFLOPS, Measurement, median_ms, peak_extra_mib
+from ..ops.latent_attention import ATTENTION_BACKENDS
+from .harness import MATMUL_CEILING_TFLOPS, Measurement, median_ms, peak_extra_mib, selected
 
 OP = "latent_attention_pooling"
 NVEMBED_V2 = dict(hidden_size=4096, num_latents=512, num_heads=8, dim_head=4096, ff_mult=4)
@@ -94,14 +95,42 @@ def folded_every_position(module: LatentAttentionPooling, hidden, mask, m=None, 
     return F.normalize(out, dim=-1).to(hidden.dtype)
 
 
-def _implementations(device: torch.device, cfg: dict, dtype, impls: Optional[Sequence[str]]):
+class _Pooling:
+    """LatentAttentionPooling called with one backend for its ops, the pooled-row count given
+    (no device sync) and no value checks: what a training loop that knows its masks runs."""
+
+    def __init__(self, module: LatentAttentionPooling, backend: str, num_pooled: int):
+        self.module, self.backend, self.num_pooled = module, backend, num_pooled
+
+    def __call__(self, hidden, mask):
+        self.module.backend = self.backend
+        return self.module(hidden, mask, num_pooled=self.num_pooled, validate=False)
+
+
+# The cross-attention's two paths, besides auto (Triton on CUDA: LayerNorm inside the score
+# GEMM, a 64 x 512 score tile a program): the CUDA backend (LayerNorm and softmax kernels around
+# cuBLAS GEMMs) and the reference (plain PyTorch: cuBLAS GEMMs, PyTorch's softmax).
+PATHS = {"latentembed:cuda": "cuda", "latentembed:reference": "reference"}
+
+
+def _implementations(device: torch.device, cfg: dict, dtype, impls: Optional[Sequence[str]], num_pooled: int):
     skipped: dict[str, str] = {}
     with torch.device(device):  # initialise on the device: the NV-Embed block has 0.74 B parameters
         unfolded = UnfoldedLatentAttentionPooling(**cfg)
         fast = LatentAttentionPooling(**cfg)
     unfolded.to(dtype)
     fast.to(dtype).load_state_dict(unfolded.state_dict())
-    chosen: dict[str, torch.nn.Module | Callable] = {"latentembed": fast, "unfolded": unfolded}
+    chosen: dict[str, torch.nn.Module | Callable] = {"latentembed": _Pooling(fast, "auto", num_pooled)}
+    for name, backend in PATHS.items():
+        spec = next(b for b in ATTENTION_BACKENDS if b.name == backend)
+        reason = spec.why_not(device, dtype, cfg["num_latents"])
+        if reason is None and device.type == "cpu" and backend != "reference":
+            reason = "CUDA only"
+        if reason is None:
+            chosen[name] = _Pooling(fast, backend, num_pooled)
+        else:
+            skipped[name] = reason
+    chosen["unfolded"] = unfolded
     if device.type == "cuda" or (impls and "folded+compile" in impls):
         # Timing the backward replays compiled graphs; donated buffers would refuse that.
         torch._functorch.config.donated_buffer = False
@@ -110,8 +139,7 @@ def _implementations(device: torch.device, cfg: dict, dtype, impls: Optional[Seq
         chosen["folded+compile"] = (train, infer)
     else:
         skipped["folded+compile"] = "compiled with inductor on the GPU only (compiling takes longer than the CPU run)"
-    if impls:
-        chosen = {k: v for k, v in chosen.items() if k in impls}
+    chosen = selected(chosen, impls, skipped)
     return chosen, skipped, fast
 
 
@@ -151,15 +179,17 @@ def _callables(name, impl, fast, hidden, mask, grad_out):
     modes = {"fwd": fwd, "fwd(train)": fwd_train, "fwd+bwd": fwd_bwd, "fwd+bwd(frozen)": fwd_bwd_frozen}
     if name != "latentembed":
         modes.pop("fwd(train)")  # same work as its fwd for the others
+    if name in PATHS:  # the other cross-attention paths: inference and the training step
+        return {mode: modes[mode] for mode in ("fwd", "fwd+bwd")}
     return modes
 
 
 def run(device: torch.device, copy_gbps: float, impls: Optional[Sequence[str]] = None):
     """Measure every implementation in every mode on the same batch."""
     cfg, dtype, hidden, mask = _inputs(device)
-    chosen, skipped, fast = _implementations(device, cfg, dtype, impls)
-    B, L, D = hidden.shape
     T = int(mask.sum())
+    chosen, skipped, fast = _implementations(device, cfg, dtype, impls, T)
+    B, L, D = hidden.shape
     dtype_name = str(dtype).replace("torch.", "")
     case = f"{dtype_name} D{D}-R{cfg['num_latents']}-H{cfg['num_heads']}x{cfg['dim_head']} B{B}-L{L}-T{T}"
     weight_bytes = sum(p.numel() * p.element_size() for p in fast.parameters())
@@ -220,7 +250,7 @@ def summarize(rows: list[Measurement]) -> str:
             f"target {mode} <= {target} ms: {r.median_ms:.3f} ms ({r.tflops:.0f} TFLOP/s, "
             f"{r.pct_floor:.0f}% of the floor {floor_ms:.2f} ms) -> {'met' if r.median_ms <= target else 'MISSED'}"
         )
-        for base in ("unfolded", "folded+compile"):
+        for base in ("latentembed:cuda", "latentembed:reference", "unfolded", "folded+compile"):
             b = by.get((base, mode))
             if b is not None:
                 lines.append(f"  vs {base} {mode}: {b.median_ms:.3f} ms ({b.median_ms / r.median_ms:.1f}x)")

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..ops.masked_mean import BACKENDS, masked_mean_pool, masked_mean_pool_ref
-from .harness import Measurement, measure
+from .harness import Measurement, measure, selected
 
 OP = "masked_mean_pool"
 
@@ -51,8 +51,7 @@ def _implementations(device: torch.device, dtype: torch.dtype, impls: Optional[S
             # Timing the backward alone replays it (retain_graph), which compiled backwards
             # with donated buffers refuse; donation saves memory, not time.
             torch._functorch.config.donated_buffer = False
-    if impls:
-        chosen = {k: v for k, v in chosen.items() if k in impls}
+    chosen = selected(chosen, impls, skipped)
     return chosen, skipped
 
 

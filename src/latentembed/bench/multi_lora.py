@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules.lora import apply_multi_lora, lora_routing, multi_lora_layers
-from .harness import MATMUL_CEILING_TFLOPS, Measurement, measure
+from .harness import MATMUL_CEILING_TFLOPS, Measurement, measure, selected
 
 OP = "multi_lora"
 TARGETS = {"mixed_fwd": 1.10, "mixed_fwd_bwd": 1.15, "single_overhead": 0.15}
@@ -194,8 +194,7 @@ def run(device: torch.device, copy_gbps: float, impls: Optional[Sequence[str]] =
         _agreement.clear()
         _agreement.update(check_agreement(device, built))
     chosen, skipped = _implementations(device, s, weights, lora_a, lora_b, scaling, tasks, impls)
-    if impls:
-        chosen = {k: v for k, v in chosen.items() if k in impls}
+    chosen = selected(chosen, impls, skipped)
     dtype_name = str(s["dtype"]).replace("torch.", "")
     case = f"{dtype_name} L{s['layers']}-D{s['d']}-T{s['adapters']}-r{s['rank']}-B{s['batch']}x{s['length']}"
     elt = x.element_size()

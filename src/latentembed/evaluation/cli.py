@@ -49,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pooling", help="pooling of a plain decoder checkpoint (mean, last, ...); saved models know theirs"
     )
+    p.add_argument(
+        "--causal",
+        action=argparse.BooleanOptionalAction,
+        help="causal attention (default: the model's own; a plain decoder runs bidirectionally, as "
+        "`latentembed train` trains it unless given --causal)",
+    )
+    p.add_argument(
+        "--template",
+        help="prompt template (default: the model's own; `latentembed train` uses e5 where a model has none)",
+    )
     p.add_argument("--task", help="query-side task of the model's prompt template (prompt and adapter)")
     p.add_argument("--instruction", help="explicit query instruction (formatted by the template)")
     p.add_argument("--doc-task", help="document-side task (default: none; documents get no prompt)")
@@ -116,6 +126,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Everything the arguments and data alone can refute is checked before the model loads.
     if args.json is not None and (why := _unwritable("--json", args.json)) is not None:
         return _fail(why)
+    if args.template is not None:
+        from ..prompts import get_template
+
+        try:
+            get_template(args.template)
+        except ValueError as e:
+            return _fail(f"--template: {e}")
 
     import torch
 
@@ -138,6 +155,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     load_kwargs: dict[str, Any] = {"device": device, "dtype": getattr(torch, args.dtype) if args.dtype else None}
     if args.pooling is not None:
         load_kwargs["pooling"] = args.pooling
+    if args.causal is not None:
+        load_kwargs["causal"] = args.causal
+    if args.template is not None:
+        load_kwargs["prompt_template"] = args.template
     try:
         model = EmbeddingModel.from_pretrained(args.model, **load_kwargs)
     except ArgumentError as e:  # a from_pretrained argument: name the flag that set it
@@ -178,6 +199,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "queries": args.queries,
             "qrels": args.qrels,
             "pooling": args.pooling,
+            "causal": args.causal,
+            "template": args.template,
             "task": args.task,
             "instruction": args.instruction,
             "doc_task": args.doc_task,

@@ -22,7 +22,8 @@ from ..modules.attention import (
     GroupedQueryAttention,
     dense_packed_mask,
     dense_padding_mask,
-    packed_backend_available,
+    host_seqlens,
+    packed_runs_lean,
     select_attention_backend,
 )
 from ..modules.mlp import SwiGLUMLP
@@ -149,8 +150,9 @@ class DecoderModel(nn.Module):
                 sequence.
             causal / attn_backend: override the model's defaults for this call.
             unpad: padded input only: ``True`` packs the real tokens, runs packed and re-pads
-                (no compute on padding); ``"auto"`` does so when a packed kernel (flash or
-                varlen) can run; ``False`` never.
+                (no compute or memory on padding); ``"auto"`` does so unless the attention
+                backend is ``math`` (flash, varlen and sdpa run packed input without padding;
+                see :mod:`latentembed.modules.attention`); ``False`` never.
             output_hidden_states: also return every layer's output.
             validate: check the values of ``cu_seqlens`` and that the token ids are in
                 ``[0, vocab_size)`` (one host sync each; skipped under torch.compile).
@@ -192,9 +194,7 @@ class DecoderModel(nn.Module):
         if mask is None:
             mask = torch.ones(B, L, dtype=torch.bool, device=hidden.device)
         if unpad == "auto":
-            unpad = backend in PACKED_ONLY or (
-                backend == "auto" and packed_backend_available(hidden.device, compute_dtype) is not None
-            )
+            unpad = packed_runs_lean(backend, hidden.device, compute_dtype)
         if unpad or backend in PACKED_ONLY:
             return self._run_unpadded(hidden, mask, position_ids, causal, backend, compute_dtype, output_hidden_states)
         name = select_attention_backend(backend, hidden.device, compute_dtype, packed=False)
@@ -327,6 +327,9 @@ class DecoderModel(nn.Module):
             if max_seqlen is None:
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             inputs.max_seqlen = max_seqlen
+        elif name == "sdpa":
+            # One attention call per sequence (the lengths are read once here, not per layer).
+            inputs.seqlens = host_seqlens(cu_seqlens)
         else:
             inputs.dense_mask = dense_packed_mask(cu_seqlens, hidden.shape[0], causal)
         # Per-sample LoRA routing (if any) must know which rows belong to which sequence.

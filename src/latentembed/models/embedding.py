@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..modules.adapter_routing import LoRARouting, lora_routing
-from ..modules.attention import packed_backend_available
-from ..modules.lora import apply_multi_lora
+from ..modules.attention import packed_runs_lean
+from ..modules.lora import apply_multi_lora, multi_lora_layers
 from ..modules.pooling import Pooling
 from ..modules.pooling_functions import check_pool_mask, l2_normalize
 from ..ops import checks
@@ -175,6 +175,46 @@ class EmbeddingModel(nn.Module):
     def adapter_names(self) -> tuple:
         return tuple(self.config.lora.adapters) if self.config.lora is not None else ()
 
+    def merge_adapters(self) -> None:
+        """Fold the model's single LoRA adapter into the base weights (``W += scaling B A`` in
+        float32, every adapter layer) for inference: the forward then runs plain linears, no
+        adapter work per call, and equals the unmerged model within float32 rounding.
+        :meth:`save_pretrained` writes a merged model as a plain one (no adapters). A model with
+        several adapters is refused: one merged weight cannot serve them all (keep routing).
+        Undo with :meth:`unmerge_adapters` (the weights come back within one rounding).
+
+        Example:
+            >>> model.merge_adapters()  # doctest: +SKIP
+            >>> model.encode(["a query"], task="retrieval")  # doctest: +SKIP
+        """
+        names = self.adapter_names
+        if len(names) != 1:
+            raise ValueError(
+                f"merge_adapters() folds one adapter into the weights; the model has {len(names)} "
+                f"({list(names)}): "
+                + (
+                    "nothing to merge"
+                    if not names
+                    else "one merged weight cannot serve them all, so keep the routing (encode with task=...)"
+                )
+            )
+        layers = [layer for _, layer in multi_lora_layers(self.backbone) if layer.merged_adapter is None]
+        for layer in layers:
+            layer.merge(names[0])
+
+    def unmerge_adapters(self) -> None:
+        """Undo :meth:`merge_adapters`: subtract the adapter from the weights again."""
+        layers = [layer for _, layer in multi_lora_layers(self.backbone) if layer.merged_adapter is not None]
+        if not layers:
+            raise ValueError("unmerge_adapters(): no adapter is merged")
+        for layer in layers:
+            layer.unmerge()
+
+    @property
+    def merged(self) -> bool:
+        """Whether an adapter is folded into the weights (:meth:`merge_adapters`)."""
+        return any(layer.merged_adapter is not None for _, layer in multi_lora_layers(self.backbone))
+
     def resolve(self, task: Optional[str] = None, instruction=None) -> tuple[str, Optional[str]]:
         """(prefix, adapter) for texts of ``task`` / ``instruction``.
 
@@ -288,9 +328,10 @@ class EmbeddingModel(nn.Module):
     def batch_inputs(self, batch: PackedBatch, *, packed: Optional[bool] = None) -> tuple[tuple, dict]:
         """(args, kwargs) of the forward for one :class:`PackedBatch` (on the model's device).
 
-        ``packed=None`` runs it packed when a packed attention kernel (flash, varlen) exists for
-        the device and compute dtype (autocast's, if on), else padded (sdpa): padded compute is
-        then limited by the length-sorted batching of :meth:`encode`."""
+        ``packed=None`` runs it packed (no compute or memory on padding) unless the backbone's
+        attention backend for the device and compute dtype (autocast's, if on) is ``math``,
+        whose packed mask is quadratic in the batch's tokens; flash, varlen and sdpa (one call
+        per sequence, on CPU too) run packed input directly."""
         if packed is None:
             param = next(self.backbone.parameters())
             dtype = (
@@ -298,7 +339,7 @@ class EmbeddingModel(nn.Module):
                 if torch.is_autocast_enabled(param.device.type)
                 else param.dtype
             )
-            packed = packed_backend_available(param.device, dtype) is not None
+            packed = packed_runs_lean(self.backbone.attn_backend, param.device, dtype)
         if packed:
             return (batch.input_ids,), dict(
                 pool_mask=batch.pool_mask, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen

@@ -30,6 +30,7 @@ an earlier run) survives. A directory that holds other files is refused, not emp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Mapping, NamedTuple, Optional, TypeVar, Union
@@ -368,19 +369,32 @@ def save_embedding_model(model: nn.Module, path: Union[str, Path], *, save_token
     holding entries other than checkpoint files raises FileExistsError and is left as it is.
     Returns the directory.
 
+    A model whose adapter is merged (:meth:`EmbeddingModel.merge_adapters`) is written as a
+    plain model: the merged weights, no adapters.
+
     Example:
         >>> save_embedding_model(model, "out/model")  # doctest: +SKIP
     """
-    for name, layer in multi_lora_layers(model):
-        if layer.merged_adapter is not None:
-            raise RuntimeError(f"{name}: an adapter is merged into the weight; unmerge() before saving")
-    state = model.state_dict()
+    state, config = model.state_dict(), model.config
+    layers = dict(multi_lora_layers(model))
+    merged = [name for name, layer in layers.items() if layer.merged_adapter is not None]
+    if merged:
+        # A merged model (merge_adapters) is saved as what it computes: a plain model whose
+        # weights hold the adapter, without the adapter tensors (they would be added again).
+        if len(merged) != len(layers) or len(config.lora.adapters) != 1:
+            raise RuntimeError(
+                f"{merged[0]}: an adapter is merged into the weight, but not as merge_adapters() does it "
+                f"({len(merged)} of {len(layers)} layers, adapters {config.lora.adapters}); unmerge() before saving"
+            )
+        dropped = {f"{name}.{part}" for name in layers for part in ("lora_a", "lora_b", _EXTRA[1:])}
+        state = {k: v for k, v in state.items() if k not in dropped}
+        config = dataclasses.replace(config, lora=None)
     extra = {k: v for k, v in state.items() if k.endswith(_EXTRA)}
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if not k.endswith(_EXTRA)}
     meta = {
         "format": "latentembed",
         "version": FORMAT_VERSION,
-        "embedding": model.config.to_dict(),
+        "embedding": config.to_dict(),
         "extra_state": extra,
     }
     with atomic_directory(path, owned=CHECKPOINT_ENTRIES) as tmp:

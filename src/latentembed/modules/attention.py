@@ -5,9 +5,14 @@ tokens [T, D] with int32 ``cu_seqlens`` [B+1]. Backends:
 
 - ``flash``: flash-attn's ``flash_attn_varlen_func`` (packed, CUDA, fp16/bf16, if installed);
 - ``varlen``: torch's ``torch.nn.attention.varlen.varlen_attn`` (packed, CUDA, fp16/bf16);
-- ``sdpa``: ``F.scaled_dot_product_attention`` with a dense boolean mask (both layouts; a packed
-  batch gets a block-diagonal [T, T] mask);
-- ``math``: the reference, plain PyTorch in fp32 with the same dense mask (any device/dtype).
+- ``sdpa``: ``F.scaled_dot_product_attention``. Padded input: a dense boolean [B, 1, *, L]
+  mask. Packed input: one call per sequence over its own rows (``AttentionInputs.seqlens``, host
+  ints), so no position attends across sequences and nothing is computed or stored for
+  padding, on any device and dtype (the packed path where flash / varlen cannot run, e.g. on
+  CPU). Under ``torch.compile`` a packed batch falls back to a block-diagonal [T, T] mask, which
+  does not specialise the graph on the lengths;
+- ``math``: the reference, plain PyTorch in fp32 with a dense mask (block-diagonal [T, T] when
+  packed; any device/dtype).
 
 Dense masks never leave a query row with no key: padding queries may always see themselves
 (and an all-padding row sees every key), so no NaN appears anywhere; real queries never see
@@ -92,6 +97,16 @@ def packed_backend_available(device: torch.device, dtype: torch.dtype) -> Option
     return None
 
 
+def packed_runs_lean(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether packed input costs nothing for padding with ``backend`` (``"auto"`` or a name):
+    true for flash, varlen and sdpa (one call per sequence), false for ``math``, whose dense
+    block-diagonal [T, T] mask grows with the square of the whole batch's tokens."""
+    try:
+        return select_attention_backend(backend, device, dtype, packed=True) != "math"
+    except BackendUnavailableError:
+        return False
+
+
 def dense_padding_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
     """Boolean keep-mask [B, 1, 1 or L, L] for padded input; ``attention_mask`` [B, L] (1 = real).
 
@@ -124,10 +139,12 @@ class AttentionInputs:
     Attributes:
         backend: one of :data:`ATTENTION_BACKENDS` (already selected).
         causal: causal attention within each sequence.
-        dense_mask: bool keep-mask for ``sdpa`` / ``math`` ([B, 1, *, L] padded or
-            [1, 1, T, T] packed).
+        dense_mask: bool keep-mask for ``math`` ([B, 1, *, L] padded or [1, 1, T, T] packed)
+            and padded ``sdpa``.
         cu_seqlens: int32 [B+1] for packed input (``None`` when padded).
         max_seqlen: longest sequence (a Python int, for the varlen kernels).
+        seqlens: the B sequence lengths as host ints, for packed ``sdpa`` (one call per
+            sequence); see :func:`host_seqlens`.
     """
 
     backend: str
@@ -135,6 +152,12 @@ class AttentionInputs:
     dense_mask: Optional[torch.Tensor] = None
     cu_seqlens: Optional[torch.Tensor] = None
     max_seqlen: int = 0
+    seqlens: Optional[tuple] = None
+
+
+def host_seqlens(cu_seqlens: torch.Tensor) -> tuple:
+    """The B lengths of ``cu_seqlens`` [B+1] as a tuple of Python ints (one host read)."""
+    return tuple((cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
 
 
 def _attention_math(q, k, v, mask, scale):
@@ -177,6 +200,33 @@ def _varlen_kwargs(causal: bool, gqa: bool) -> dict:
     return kwargs
 
 
+def _sdpa_per_sequence(q, k, v, seqlens: tuple, causal: bool, scale: float) -> torch.Tensor:
+    """Packed attention without a varlen kernel: q [T, H, d], k/v [T, Hkv, d] -> [T, H, d],
+    one SDPA call per sequence on views of its rows.
+
+    ``split`` gives views (no copy) and its backward is one ``cat``; the output's ``cat`` is the
+    only copy. Nothing is computed, masked or saved for padding, and each call takes the fused
+    kernel of its device (on CPU the flash kernel: it saves the output and the log-sum-exp, not
+    the [H, n, n] probabilities). Empty sequences are skipped (their rows do not exist)."""
+    gqa = k.shape[1] != q.shape[1]
+    outs = []
+    for qs, ks, vs in zip(q.split(seqlens), k.split(seqlens), v.split(seqlens)):
+        if qs.shape[0] == 0:
+            continue
+        o = F.scaled_dot_product_attention(
+            qs.transpose(0, 1).unsqueeze(0),
+            ks.transpose(0, 1).unsqueeze(0),
+            vs.transpose(0, 1).unsqueeze(0),
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=gqa,
+        )
+        outs.append(o[0].transpose(0, 1))
+    if not outs:
+        return q.new_empty(q.shape)
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
     """Attention over rotated heads: q [..., N, H, d], k/v [..., N, Hkv, d] -> [..., N, H, d].
 
@@ -195,15 +245,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionI
         kwargs = _varlen_kwargs(inputs.causal, k.shape[-2] != q.shape[-2])
         return varlen_attn(q, k, v, cu, cu, n, n, scale=scale, **kwargs)
     packed = q.ndim == 3
+    mask = inputs.dense_mask
+    if packed and inputs.backend == "sdpa":
+        if inputs.seqlens is not None and not torch.compiler.is_compiling():
+            return _sdpa_per_sequence(q, k, v, inputs.seqlens, inputs.causal, scale)
+        if mask is None:
+            mask = dense_packed_mask(inputs.cu_seqlens, q.shape[0], inputs.causal)
     if packed:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [N, H, L, d]
     if inputs.backend == "sdpa":
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=inputs.dense_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     else:
-        out = _attention_math(q, k, v, inputs.dense_mask, scale)
+        out = _attention_math(q, k, v, mask, scale)
     out = out.transpose(1, 2)
     return out.squeeze(0) if packed else out
 

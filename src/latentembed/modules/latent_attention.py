@@ -15,8 +15,9 @@ module may skip"):
 
 from __future__ import annotations
 
+import functools
 import weakref
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,22 @@ from .latent_attention_unfolded import LatentAttentionParameters
 from .pooling_functions import l2_normalize, pack_pool_rows
 
 __all__ = ["LatentAttentionPooling"]
+
+
+def _compiler_disabled(fn: Callable) -> Callable:
+    """``torch.compiler.disable(fn)``, built at the first call: building it imports
+    torch._dynamo (about 0.9 s on CPU), which ``import latentembed`` must not pay. The cache read
+    and write stay outside compiled graphs either way (a call traced by dynamo runs the disabled
+    function eagerly, as the decorator did)."""
+    disabled: list = []
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return wrapper
 
 
 class LatentAttentionPooling(LatentAttentionParameters):
@@ -143,7 +160,7 @@ class LatentAttentionPooling(LatentAttentionParameters):
         """Drop the cached folded matrices (needed only after writes through ``param.data``)."""
         self._fold_cache = None
 
-    @torch.compiler.disable
+    @_compiler_disabled
     def _cached_fold(self, dtype: torch.dtype, differentiable: bool) -> tuple[torch.Tensor, torch.Tensor]:
         params = self._fold_params()
         key = (dtype, torch.is_inference_mode_enabled(), tuple((p._version, p.dtype, p.device) for p in params))
@@ -193,8 +210,14 @@ class LatentAttentionPooling(LatentAttentionParameters):
         *,
         cu_seqlens: Optional[torch.Tensor] = None,
         validate: bool = True,
+        num_pooled: Optional[int] = None,
     ) -> torch.Tensor:
-        """Pool ``hidden`` (see the class docstring). ``validate`` checks cu_seqlens' values."""
+        """Pool ``hidden`` (see the class docstring). ``validate`` checks cu_seqlens' values.
+
+        ``num_pooled``: the number of nonzero ``pool_mask`` entries, when the caller knows it
+        (a tokenizer's masks are on the host): the pooled rows are then gathered without a
+        device-to-host sync. With ``validate`` the count is checked (one host read, as
+        without it); ``validate=False`` trusts it and reads nothing back."""
         self.check_inputs(hidden, pool_mask, cu_seqlens, validate=validate)
         if self.latents.device != hidden.device:
             raise ValueError(f"hidden is on {hidden.device} but the module's parameters are on {self.latents.device}")
@@ -204,7 +227,13 @@ class LatentAttentionPooling(LatentAttentionParameters):
         # stream has the promoted dtype (float32 for float32 hidden under bf16 autocast).
         res_dtype = torch.promote_types(hidden.dtype, cdt)
         backend = self.backend
-        rows, cu = pack_pool_rows(hidden, pool_mask, cu_seqlens)
+        if num_pooled is not None and validate and pool_mask is not None and not torch.compiler.is_compiling():
+            actual = int((pool_mask != 0).sum())
+            if actual != num_pooled:
+                raise ValueError(
+                    f"num_pooled must be the number of nonzero pool_mask entries, {actual}, got {num_pooled}"
+                )
+        rows, cu = pack_pool_rows(hidden, pool_mask, cu_seqlens, total=num_pooled)
         pooled_any = (cu[1:] > cu[:-1])[:, None]  # [B, 1]: False for a sequence with nothing pooled
 
         attn_block, ff_block = self.cross_attend_blocks
@@ -222,13 +251,22 @@ class LatentAttentionPooling(LatentAttentionParameters):
             ln2 = ff_block.norm
             # LN2 in float32 (at least), as autocast runs the public block's: its weight gradient
             # is a sum over tokens that cancels, and half-precision LN made it up to 2x less
-            # accurate than the public block's (200 random draws under bf16 autocast).
-            z = F.layer_norm(y.to(acc), (self.hidden_size,), ln2.weight.to(acc), ln2.bias.to(acc), ln2.eps)
+            # accurate than the public block's (200 random draws under bf16 autocast). With
+            # float32 weight and bias, layer_norm reads half-precision y as it is, computes in
+            # float32 and writes its output once in y's dtype (its backward likewise), which is
+            # what a float32 LN of a float32 copy of y followed by a cast gives, without the
+            # two [T', D] float32 copies.
+            z = F.layer_norm(y, (self.hidden_size,), ln2.weight.to(acc), ln2.bias.to(acc), ln2.eps)
             a = F.linear(z.to(cdt), net[0].weight.to(cdt), net[0].bias.to(cdt))  # [T', 2F]
             act_mean = geglu_segment_mean(a, cu, backend=backend, validate=False)  # [B, F]
             # The residual stream's mean in float32: rounding it once to a half dtype would be
-            # an error the public block does not make (it sums its half rows in float32).
-            y_mean = masked_mean_pool(y.to(acc), cu_seqlens=cu, backend=backend, validate=False)  # [B, D]
+            # an error the public block does not make (it sums its half rows in float32). The
+            # op writes the float32 mean of the half rows directly; its CUDA kernels do not take
+            # out_dtype, so that backend keeps a float32 copy.
+            if backend == "cuda":
+                y_mean = masked_mean_pool(y.to(acc), cu_seqlens=cu, backend=backend, validate=False)
+            else:
+                y_mean = masked_mean_pool(y, cu_seqlens=cu, backend=backend, validate=False, out_dtype=acc)  # [B, D]
             # mean_t(y_t + W2 g_t + b2) = mean_t(y_t) + W2 mean_t(g_t) + b2, for pooled-to sequences.
             ff_mean = F.linear(act_mean, net[2].weight.to(cdt))
             pooled = y_mean.to(acc) + ff_mean.to(acc) + net[2].bias.to(acc)

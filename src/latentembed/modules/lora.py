@@ -23,6 +23,7 @@ from torch import nn
 
 from ..ops.multi_lora import multi_lora_linear_add
 from .adapter_routing import LoRARouting, RoutedRows, group_rows, lora_routing, match_rows
+from .lora_dropout import draw_seed, multi_lora_add_with_dropout
 
 __all__ = ["LoRARouting", "MultiLoRALinear", "apply_multi_lora", "lora_routing", "multi_lora_layers"]
 
@@ -67,7 +68,9 @@ class MultiLoRALinear(nn.Module):
         adapters: adapter names, or a count T (names ``"0"``, ``"1"``, ...).
         rank: int, one per adapter (sequence or {name: rank}); 0 disables an adapter here.
         alpha: same forms; ``None`` means alpha = rank (scaling 1).
-        r_max: stacked rank (default: the largest rank). dropout: on the adapter input.
+        r_max: stacked rank (default: the largest rank). dropout: probability on the adapter
+            input in training mode (:mod:`latentembed.modules.lora_dropout`: the mask is
+            regenerated from a seed in the backward instead of stored).
         routing: the shared :class:`LoRARouting` (a private one is made if ``None``).
         backend: backend of the fused op (``"auto"``, ``"reference"``, ``"triton"``, ...).
 
@@ -124,7 +127,9 @@ class MultiLoRALinear(nn.Module):
         self.ranks = [0] * len(names)
         self.scalings = [0.0] * len(names)
         self.use_rslora = use_rslora
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.dropout_p = float(dropout)
         self.backend = backend
         self.merged_adapter: Optional[int] = None
         self.layer_name = ""  # set by apply_multi_lora, for error messages
@@ -309,23 +314,20 @@ class MultiLoRALinear(nn.Module):
             # input and the LoRA weights are stored in); the casts are differentiable and free
             # when dtypes already agree.
             dt = out.dtype
-            out = multi_lora_linear_add(
-                out,
-                self.dropout(x2).to(dt),
-                self.lora_a.to(dt),
-                self.lora_b.to(dt),
-                self.scaling_tensor(x.device),
-                grouping,
-                backend=self.backend,
-                validate=False,
-            )
+            args = (out, x2.to(dt), self.lora_a.to(dt), self.lora_b.to(dt), self.scaling_tensor(x.device), grouping)
+            if self.training and self.dropout_p > 0:
+                # The mask is regenerated from the seed in the backward: no mask and no dropped
+                # copy of x are kept (see modules/lora_dropout.py).
+                out = multi_lora_add_with_dropout(*args, p=self.dropout_p, seed=draw_seed(), backend=self.backend)
+            else:
+                out = multi_lora_linear_add(*args, backend=self.backend, validate=False)
         return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"adapters={list(self.routing.adapter_names)}, ranks={self.ranks}, r_max={self.r_max}, "
-            f"merged={self.merged_adapter}"
+            f"dropout={self.dropout_p}, merged={self.merged_adapter}"
         )
 
 

@@ -148,6 +148,12 @@ def load_peft_adapter(
     return [module_prefix + m for m in pairs]
 
 
+def _dropout_p(layer) -> float:
+    """The adapter-input dropout probability a layer trains with (PEFT's ``lora_dropout``)."""
+    p = getattr(layer, "dropout_p", None)
+    return float(p if p is not None else getattr(getattr(layer, "dropout", None), "p", 0.0))
+
+
 def save_peft_adapter(
     model: nn.Module,
     adapter: Union[int, str],
@@ -217,7 +223,7 @@ def save_peft_adapter(
         "base_model_name_or_path": base_model_name_or_path,
         "r": r,
         "lora_alpha": alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": max((_dropout_p(layer) for layer in layers.values()), default=0.0),
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,

@@ -78,19 +78,25 @@ def pack_pool_rows(
     hidden: torch.Tensor,
     pool_mask: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
+    *,
+    total: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pooled rows of each sequence, packed, and their int32 offsets.
 
     Padded: hidden [B, L, D], pool_mask [B, L] or ``None`` (every position). Packed: hidden
     [T, D], cu_seqlens [B+1] int32, pool_mask [T] or ``None``. Returns ``rows`` [T', D]
     (sequence b is ``rows[cu[b]:cu[b+1]]``, positions in order) and ``cu`` [B+1] int32. A mask
-    costs one device sync (the number of kept rows sets the output's size). No argument checks.
+    costs one device sync (the number of kept rows sets the output's size) unless ``total``, the
+    number of nonzero mask entries, is given: then nothing is read back (``torch.nonzero_static``);
+    a wrong ``total`` drops or repeats rows (the caller checks it). No argument checks.
 
     Example:
         >>> h = torch.randn(2, 3, 4)
         >>> rows, cu = pack_pool_rows(h, torch.tensor([[0, 1, 1], [1, 0, 0]]))
         >>> rows.shape, cu.tolist()
         (torch.Size([3, 4]), [0, 2, 3])
+        >>> torch.equal(pack_pool_rows(h, torch.tensor([[0, 1, 1], [1, 0, 0]]), total=3)[0], rows)
+        True
     """
     device = hidden.device
     if cu_seqlens is None:
@@ -107,7 +113,11 @@ def pack_pool_rows(
         B = cu_seqlens.shape[0] - 1
         seq = segment_of_row(cu_seqlens, hidden.shape[0])
         counts = torch.zeros(B, dtype=torch.long, device=device).index_add_(0, seq, keep.long())
-    rows = hidden[keep]
+    if total is None:
+        rows = hidden[keep]
+    else:
+        index = torch.nonzero_static(keep.reshape(-1), size=total, fill_value=0).reshape(-1)
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
     cu = torch.zeros(counts.shape[0] + 1, dtype=torch.int32, device=device)
     cu[1:] = counts.cumsum(0)
     return rows, cu

@@ -11,6 +11,8 @@ The JSONL format, one example per line (blank lines are skipped)::
   prompt prefix through :func:`latentembed.prompts.resolve_prompt`.
 * ``label``: optional, any JSON value; allowed (the bundled classification rows carry it) and
   ignored.
+* the field named by ``--eval-group-key`` (``read_examples(path, group_key=...)``): required
+  then, a string or number; rows sharing it are held out together.
 * Any other field is an error, so a typo such as ``"negative"`` is not silently dropped.
 
 Every error is a ``ValueError`` that starts with ``file:line`` and names the field, what was
@@ -30,9 +32,10 @@ import pathlib
 import random
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 from .._text_files import parse_json_line, text_lines
+from ..evaluation.data import load_retrieval_dataset
 
 __all__ = [
     "ALLOWED_FIELDS",
@@ -43,6 +46,9 @@ __all__ = [
     "bundled_examples",
     "split_examples",
     "retrieval_eval_set",
+    "EvalSet",
+    "BEIR_NAMES",
+    "load_eval_set",
     "write_beir_files",
     "batch_examples",
     "repeated_rows_report",
@@ -65,7 +71,8 @@ class TrainingExample:
     """One contrastive example: a query, its positive and optional hard negatives.
 
     ``task`` / ``instruction`` select the query-side prompt (None: the trainer's default).
-    ``where``: ``file:line`` of the row when read from a file (for messages; not compared).
+    ``where``: ``file:line`` of the row when read from a file (for messages; not compared);
+    ``group``: the row's value of the group key it was read with (held out together).
     """
 
     query: str
@@ -74,14 +81,25 @@ class TrainingExample:
     task: str | None = None
     instruction: str | None = None
     where: Optional[str] = field(default=None, compare=False, repr=False)
+    group: Optional[str] = field(default=None, compare=False, repr=False)
 
 
-def _parse_row(row: object, where: str) -> TrainingExample:
+def _parse_row(row: object, where: str, group_key: Optional[str] = None) -> TrainingExample:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    unknown = sorted(set(row) - set(ALLOWED_FIELDS))
+    allowed = list(ALLOWED_FIELDS) + ([group_key] if group_key and group_key not in ALLOWED_FIELDS else [])
+    unknown = sorted(set(row) - set(allowed))
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; allowed fields are {list(ALLOWED_FIELDS)}")
+        raise ValueError(f"{where}: unknown field(s) {unknown}; allowed fields are {allowed}")
+    group = None
+    if group_key is not None:
+        value = row.get(group_key)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)) or value == "":
+            raise ValueError(
+                f"{where}: field {group_key!r} (the --eval-group-key) must be a non-empty string or a number, "
+                f"got {value!r:.80}"
+            )
+        group = str(value)
     for name in ("query", "positive"):
         if name not in row:
             raise ValueError(f"{where}: missing required field {name!r} (a non-empty string)")
@@ -109,11 +127,16 @@ def _parse_row(row: object, where: str) -> TrainingExample:
         task=optional["task"],
         instruction=optional["instruction"],
         where=where,
+        group=group,
     )
 
 
-def read_examples(path: PathLike) -> list[TrainingExample]:
+def read_examples(path: PathLike, group_key: Optional[str] = None) -> list[TrainingExample]:
     """Read a JSONL file of training examples (format in the module docstring).
+
+    ``group_key``: a field every row must carry (a string or a number, e.g. the document a row
+    comes from), kept as :attr:`TrainingExample.group`; it is allowed besides
+    :data:`ALLOWED_FIELDS`.
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming ``file:line`` for
     bytes that are not UTF-8, invalid JSON and a malformed row (with the field).
@@ -121,7 +144,7 @@ def read_examples(path: PathLike) -> list[TrainingExample]:
     examples = []
     for lineno, line in text_lines(path):
         where = f"{os.fspath(path)}:{lineno}"
-        examples.append(_parse_row(parse_json_line(line, where), where))
+        examples.append(_parse_row(parse_json_line(line, where), where, group_key))
     return examples
 
 
@@ -145,15 +168,20 @@ def bundled_examples(name: str) -> list[TrainingExample]:
 
 
 def split_examples(
-    examples: Sequence[TrainingExample], eval_fraction: float, seed: int
+    examples: Sequence[TrainingExample], eval_fraction: float, seed: int, *, by_group: bool = False
 ) -> tuple[list[TrainingExample], list[TrainingExample]]:
     """Deterministic random split into (train, eval); eval gets ``round(n * eval_fraction)``.
 
     Both keep the input order. A nonzero fraction of a list of >= 2 examples gives at least one
-    eval and one train example.
+    eval and one train example. ``by_group``: hold out whole groups (:attr:`TrainingExample.group`,
+    e.g. the article a row comes from, so no topic leaks from training into the evaluation):
+    groups in a seeded random order go to eval until it holds about ``eval_fraction`` of the
+    rows (at least one group, never all).
     """
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if by_group:
+        return _split_groups(examples, eval_fraction, seed)
     n = len(examples)
     n_eval = round(n * eval_fraction)
     if eval_fraction > 0 and n >= 2:
@@ -163,6 +191,30 @@ def split_examples(
     eval_idx = set(order[:n_eval])
     train = [ex for i, ex in enumerate(examples) if i not in eval_idx]
     held_out = [ex for i, ex in enumerate(examples) if i in eval_idx]
+    return train, held_out
+
+
+def _split_groups(
+    examples: Sequence[TrainingExample], eval_fraction: float, seed: int
+) -> tuple[list[TrainingExample], list[TrainingExample]]:
+    sizes: dict = {}
+    for i, ex in enumerate(examples):
+        if ex.group is None:
+            raise ValueError(f"{ex.where or f'row {i + 1}'}: no group (read the rows with group_key=...)")
+        sizes[ex.group] = sizes.get(ex.group, 0) + 1
+    groups = sorted(sizes)
+    random.Random(seed).shuffle(groups)
+    target = eval_fraction * len(examples)
+    held: set = set()
+    count = 0
+    if eval_fraction > 0 and len(groups) >= 2:
+        for g in groups[:-1]:  # never every group
+            if held and abs(count + sizes[g] - target) >= abs(count - target):
+                break
+            held.add(g)
+            count += sizes[g]
+    train = [ex for ex in examples if ex.group not in held]
+    held_out = [ex for ex in examples if ex.group in held]
     return train, held_out
 
 
@@ -193,6 +245,44 @@ def retrieval_eval_set(
         for neg in ex.negatives:
             doc_id(neg)
     return corpus, queries, qrels
+
+
+class EvalSet(NamedTuple):
+    """A retrieval set to evaluate on: ``corpus`` {doc id: text}, ``queries`` {query id: text},
+    ``qrels`` {query id: {doc id: grade}} and ``source`` (where it was read, for messages)."""
+
+    corpus: dict
+    queries: dict
+    qrels: dict
+    source: str
+
+
+#: Where :func:`load_eval_set` looks for each file of a BEIR-style directory, in order.
+BEIR_NAMES = {
+    "corpus": ("corpus.jsonl", "corpus.jsonl.gz"),
+    "queries": ("queries.jsonl", "queries.jsonl.gz"),
+    "qrels": ("qrels.jsonl", "qrels.tsv", "qrels/test.tsv", "qrels/dev.tsv", "qrels.jsonl.gz", "qrels.tsv.gz"),
+}
+
+
+def load_eval_set(directory: PathLike) -> EvalSet:
+    """The BEIR-style set in ``directory`` (the formats ``python -m latentembed eval`` reads):
+    ``corpus.jsonl``, ``queries.jsonl`` and ``qrels.jsonl`` / ``qrels.tsv`` / ``qrels/test.tsv``
+    (:data:`BEIR_NAMES`; ``.gz`` too), as :func:`write_beir_files` writes them. Errors name the
+    file and line, or the file that is missing."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"--eval-data {directory}: not a directory (expected corpus.jsonl, queries.jsonl, qrels)"
+        )
+    found = {}
+    for kind, names in BEIR_NAMES.items():
+        hit = next((directory / n for n in names if (directory / n).is_file()), None)
+        if hit is None:
+            raise FileNotFoundError(f"--eval-data {directory}: no {kind} file (looked for {', '.join(names)})")
+        found[kind] = hit
+    corpus, queries, qrels = load_retrieval_dataset(found["corpus"], found["queries"], found["qrels"])
+    return EvalSet(corpus=corpus, queries=queries, qrels=qrels, source=str(directory))
 
 
 def write_beir_files(

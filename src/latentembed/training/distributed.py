@@ -46,6 +46,14 @@ class DistContext:
         self.dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if not self.on:
+            return [obj]
+        out = [None] * self.world
+        self.dist.all_gather_object(out, obj)
+        return out
+
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of ``value`` (a detached tensor, reduced in place) over the ranks."""
         if self.on:

@@ -1,6 +1,6 @@
-"""Retrieval evaluation on the held-out stage-1 rows, before and after training: each held-out
-query is a query with its row's prompt, its positive the one relevant document of a corpus of
-every held-out positive and negative.
+"""Retrieval evaluation before, during (``--eval-every``) and after training: on the held-out
+stage-1 rows (each held-out query with its row's prompt, its positive the one relevant document
+of a corpus of every held-out positive and negative), or on an ``--eval-data`` BEIR-style set.
 
 Example (``model`` an :class:`~latentembed.models.embedding.EmbeddingModel`)::
 
@@ -19,10 +19,10 @@ import torch
 
 from ..evaluation import evaluate_retrieval
 from ..models.embedding import EmbeddingModel
-from .data import TrainingExample, retrieval_eval_set
-from .plan import row_task
+from .data import EvalSet, TrainingExample, retrieval_eval_set
+from .plan import row_prompt
 
-__all__ = ["QueryPromptEncoder", "evaluate_held_out", "format_eval"]
+__all__ = ["QueryPromptEncoder", "evaluate_held_out", "evaluate_eval_set", "format_eval"]
 
 #: The metrics the trainer reports (of those :func:`~latentembed.evaluation.evaluate_retrieval` gives).
 REPORTED = ("ndcg@10", "mrr@10", "recall@10", "recall@1", "num_queries", "num_docs")
@@ -63,21 +63,39 @@ def evaluate_held_out(
     max_length: int,
     default_task: Optional[str],
     doc_task: Optional[str],
+    instruction: Optional[str] = None,
     autocast: Optional[ContextManager] = None,
 ) -> dict:
     """nDCG@10, MRR@10, recall@10, recall@1 and the query and document counts of retrieval on
-    the ``held_out`` rows (queries with their row's prompt, or ``default_task``'s)."""
+    the ``held_out`` rows (queries with their row's prompt, or ``instruction`` /
+    ``default_task``'s)."""
     corpus, queries, qrels = retrieval_eval_set(held_out)
-    prompts = {ex.query: (row_task(ex, default_task), ex.instruction) for ex in held_out}
+    prompts = {ex.query: row_prompt(ex, default_task, instruction) for ex in held_out}
+    return _evaluate(QueryPromptEncoder(model, prompts, max_length, doc_task), corpus, queries, qrels, autocast)
+
+
+def evaluate_eval_set(
+    model: EmbeddingModel,
+    eval_set: EvalSet,
+    *,
+    max_length: int,
+    default_task: Optional[str],
+    doc_task: Optional[str],
+    instruction: Optional[str] = None,
+    autocast: Optional[ContextManager] = None,
+) -> dict:
+    """:func:`evaluate_held_out`'s metrics on an ``--eval-data`` set: every query with the
+    prompt of ``instruction`` (when given) or ``default_task``, documents with ``doc_task``'s."""
+    task = None if instruction is not None else default_task
+    prompts = dict.fromkeys(eval_set.queries.values(), (task, instruction))
+    encoder = QueryPromptEncoder(model, prompts, max_length, doc_task)
+    return _evaluate(encoder, eval_set.corpus, eval_set.queries, eval_set.qrels, autocast)
+
+
+def _evaluate(encoder: QueryPromptEncoder, corpus, queries, qrels, autocast: Optional[ContextManager]) -> dict:
     with autocast if autocast is not None else nullcontext():
         scores = evaluate_retrieval(
-            QueryPromptEncoder(model, prompts, max_length, doc_task),
-            corpus,
-            queries,
-            qrels,
-            k_values=(1, 10),
-            batch_size=64,
-            query_kwargs={"side": "query"},
+            encoder, corpus, queries, qrels, k_values=(1, 10), batch_size=64, query_kwargs={"side": "query"}
         )
     return {k: v for k, v in scores.items() if k in REPORTED}
 

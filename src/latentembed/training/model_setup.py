@@ -41,7 +41,8 @@ def load_model(cfg: TrainConfig, model: Optional[EmbeddingModel]) -> Optional[Em
             f"--model {cfg.model!r}: expected a model directory with config.json "
             "(latentembed, NV-Embed-style or plain HF decoder checkpoint)"
         )
-    model = EmbeddingModel.from_pretrained(path, pooling=cfg.pooling)
+    overrides = {} if cfg.causal is None else {"causal": cfg.causal}
+    model = EmbeddingModel.from_pretrained(path, pooling=cfg.pooling, **overrides)
     if model.tokenizer is None:
         raise FileNotFoundError(f"--model {cfg.model!r} has no tokenizer.json")
     return model
@@ -73,8 +74,13 @@ def check_run_prompts(
             resolve(cfg.doc_task, None)
         except ValueError as e:
             raise ValueError(f"doc_task: {e}") from None
-    check_prompts(data.stage1, data.source1, resolve, cfg.default_task)
-    check_prompts(data.stage2, data.source2, resolve, cfg.default_task)
+    if cfg.instruction is not None:
+        try:
+            resolve(None, cfg.instruction)
+        except ValueError as e:
+            raise ValueError(f"--instruction: {e}") from None
+    check_prompts(data.stage1, data.source1, resolve, cfg.default_task, cfg.instruction)
+    check_prompts(data.stage2, data.source2, resolve, cfg.default_task, cfg.instruction)
 
 
 def build_tiny_model(cfg: TrainConfig, data: RunData, template: PromptTemplate, dist: DistContext) -> EmbeddingModel:
@@ -85,7 +91,7 @@ def build_tiny_model(cfg: TrainConfig, data: RunData, template: PromptTemplate, 
     from tokenizers import Tokenizer
 
     tokenizer = TextTokenizer(Tokenizer.from_str(tok_json), bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]")
-    return tiny_model(tokenizer, template=cfg.template or "e5", max_length=cfg.max_length)
+    return tiny_model(tokenizer, template=cfg.template or "e5", max_length=cfg.max_length, causal=bool(cfg.causal))
 
 
 def adapter_names(template: PromptTemplate, tasks: set) -> list[str]:

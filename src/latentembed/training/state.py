@@ -10,16 +10,18 @@ batch) fixes every batch still to come.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, ContextManager
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Optional
 
 import torch
 from torch import nn
 
 from ..models.embedding import EmbeddingModel
 from ..modules.contrastive import InfoNCELoss
+from .checkpoint import Checkpointer, Resume
 from .config import TrainConfig
 from .distributed import DistContext
+from .logs import RunLog, StepMemory
 from .plan import StagePlan
 
 __all__ = ["TrainingRun", "Stage", "LoopState"]
@@ -30,8 +32,12 @@ class TrainingRun:
     """The objects of a run, built once by the trainer: its settings, device and ranks, the
     ``model`` and the ``module`` its forward goes through (the model, or its DDP wrapper), the
     trainable ``params``, ``full`` (every weight trains; else LoRA adapters and the pooling
-    head), ``autocast`` (a factory of the forward's autocast context; ``bf16``: whether it
-    autocasts) and ``say`` (prints on rank 0 unless quiet)."""
+    head), ``amp_dtype`` (the forward's autocast dtype, None: fp32) with ``autocast`` (a
+    factory of its context) and ``scaler`` (the loss scaler, enabled for float16 only),
+    ``temperature`` (the learnable ``log_scale`` every stage's loss shares, or None), ``log``
+    (console, JSONL, TensorBoard, progress), ``memory`` (each step's peak), ``checkpoints``
+    (None: no periodic checkpoints), ``evaluate`` (the held-out evaluation on rank 0, or None)
+    and ``resume`` (the checkpoint being resumed, until its stage's optimizer is restored)."""
 
     cfg: TrainConfig
     device: torch.device
@@ -40,9 +46,27 @@ class TrainingRun:
     module: nn.Module
     params: list[nn.Parameter]
     full: bool
-    bf16: bool
+    amp_dtype: Optional[torch.dtype]
     autocast: Callable[[], ContextManager]
-    say: Callable[..., None]
+    scaler: torch.amp.GradScaler
+    log: RunLog
+    memory: StepMemory
+    temperature: Optional[nn.Parameter] = None
+    checkpoints: Optional[Checkpointer] = None
+    evaluate: Optional[Callable[[], dict]] = None
+    resume: Optional[Resume] = None
+    identity: dict = field(default_factory=dict)
+
+    def say(self, *args) -> None:
+        """A console line (rank 0, unless quiet)."""
+        self.log.say(*args)
+
+    def trained_tensors(self) -> dict:
+        """{name: tensor} of everything that trains (a checkpoint's weights)."""
+        out = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        if self.temperature is not None:
+            out["loss.log_scale"] = self.temperature
+        return out
 
 
 @dataclass

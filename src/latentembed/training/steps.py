@@ -1,5 +1,6 @@
 """One training step: a batch's texts (queries with their row's prompt and adapter, positives,
-hard negatives), their embeddings in one forward, the InfoNCE loss, and the optimizer step.
+hard negatives), their embeddings in one forward (or chunk by chunk: GradCache), the InfoNCE
+loss, gradient accumulation over several batches, and the optimizer step.
 
 Example::
 
@@ -12,17 +13,30 @@ Example::
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from ..modules.grad_cache import grad_cache_step
 from ..tokenization import pack_sequences, tokenize_with_prompts
 from .data import TrainingExample
-from .plan import row_task
+from .plan import row_prompt
 from .state import Stage, TrainingRun
 
-__all__ = ["text_id", "hard_negatives", "embed_texts", "batch_loss", "StepOutput", "train_step"]
+__all__ = [
+    "text_id",
+    "hard_negatives",
+    "embed_texts",
+    "BatchTexts",
+    "batch_texts",
+    "texts_loss",
+    "batch_loss",
+    "grad_cache_backward",
+    "StepOutput",
+    "train_step",
+]
 
 
 def text_id(text: str) -> int:
@@ -74,52 +88,146 @@ def embed_texts(
     return out, batch.num_tokens
 
 
-def batch_loss(run: TrainingRun, stage: Stage, batch: Sequence[TrainingExample]) -> tuple[torch.Tensor, int]:
-    """(InfoNCE loss [], tokens) of one batch of B rows: one forward over the B queries, the B
-    positives and the B x k hard negatives (k = ``cfg.hard_negatives``; stage 1 borrows other
-    rows' positives where a row has too few)."""
+class BatchTexts(NamedTuple):
+    """The texts of one batch of B rows as one forward embeds them: the B queries, then the B
+    positives, then B x k hard negatives (row by row), each with its prompt prefix and adapter
+    (None: the base weights); ``doc_ids`` [B + B k] int64 ids of the documents' texts."""
+
+    texts: list
+    prefixes: list
+    adapters: list
+    rows: int
+    k: int
+    doc_ids: torch.Tensor
+
+
+def batch_texts(run: TrainingRun, stage: Stage, batch: Sequence[TrainingExample]) -> BatchTexts:
+    """The texts of ``batch``: queries with their row's prompt, positives, and k hard negatives
+    per row (k = ``cfg.hard_negatives``; a stage with in-batch negatives borrows other rows'
+    positives where a row has too few)."""
     cfg, model = run.cfg, run.model
-    k, in_batch = cfg.hard_negatives, stage.plan.in_batch_negatives
-    B = len(batch)
+    k = cfg.hard_negatives
     queries, q_prefixes, q_adapters = [], [], []
     for ex in batch:
-        task = row_task(ex, cfg.default_task)
-        prefix, adapter = model.resolve(task, ex.instruction)
+        prefix, adapter = model.resolve(*row_prompt(ex, cfg.default_task, cfg.instruction))
         queries.append(ex.query)
         q_prefixes.append(prefix)
         q_adapters.append(adapter)
-    negs = hard_negatives(batch, k, borrow=in_batch) if k > 0 else [[] for _ in batch]
+    negs = hard_negatives(batch, k, borrow=stage.plan.in_batch_negatives) if k > 0 else [[] for _ in batch]
     docs = [ex.positive for ex in batch] + [n for row in negs for n in row]
     d_prefix, d_adapter = model.resolve(cfg.doc_task)
-    texts = queries + docs
-    emb, tokens = embed_texts(run, texts, q_prefixes + [d_prefix] * len(docs), q_adapters + [d_adapter] * len(docs))
+    return BatchTexts(
+        texts=queries + docs,
+        prefixes=q_prefixes + [d_prefix] * len(docs),
+        adapters=q_adapters + [d_adapter] * len(docs),
+        rows=len(batch),
+        k=k,
+        doc_ids=torch.tensor([text_id(t) for t in docs], dtype=torch.int64, device=run.device),
+    )
+
+
+def texts_loss(stage: Stage, texts: BatchTexts, q: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+    """The InfoNCE loss [] of queries ``q`` [B, D] against ``docs`` [B + B k, D] (the positives,
+    then the hard negatives row by row)."""
+    B, k = texts.rows, texts.k
+    hard = docs[B:].view(B, k, -1) if k > 0 else None
+    return stage.loss_fn(q.float(), docs[:B].float(), hard_negatives=hard, doc_ids=texts.doc_ids)
+
+
+def batch_loss(run: TrainingRun, stage: Stage, batch: Sequence[TrainingExample]) -> tuple[torch.Tensor, int]:
+    """(InfoNCE loss [], tokens) of one batch of B rows: one forward over the B queries, the B
+    positives and the B x k hard negatives."""
+    texts = batch_texts(run, stage, batch)
+    emb, tokens = embed_texts(run, texts.texts, texts.prefixes, texts.adapters)
     emb = emb.float()
-    q, pos = emb[:B], emb[B : 2 * B]
-    hard = emb[2 * B :].view(B, k, -1) if k > 0 else None
-    doc_ids = torch.tensor([text_id(t) for t in docs], dtype=torch.int64, device=run.device)
-    return stage.loss_fn(q, pos, hard_negatives=hard, doc_ids=doc_ids), tokens
+    return texts_loss(stage, texts, emb[: texts.rows], emb[texts.rows :]), tokens
+
+
+class _ChunkEncoder:
+    """GradCache's encoder over one batch's texts: a chunk of text indices [c] -> embeddings
+    [c, D] under the run's autocast; counts the tokens of the first (graph-free) pass. Under
+    DDP it offers the wrapper's ``no_sync`` so only the last chunk's backward all-reduces."""
+
+    def __init__(self, run: TrainingRun, texts: BatchTexts) -> None:
+        self.run, self.texts, self.tokens = run, texts, 0
+        if run.dist.on:
+            self.no_sync = run.module.no_sync
+
+    def __call__(self, index: torch.Tensor) -> torch.Tensor:
+        idx = index.tolist()
+        t = self.texts
+        with self.run.autocast():
+            emb, tokens = embed_texts(
+                self.run, [t.texts[i] for i in idx], [t.prefixes[i] for i in idx], [t.adapters[i] for i in idx]
+            )
+        if not torch.is_grad_enabled():
+            self.tokens += tokens
+        return emb.float()
+
+
+def grad_cache_backward(
+    run: TrainingRun, stage: Stage, batch: Sequence[TrainingExample], weight: float
+) -> tuple[torch.Tensor, int]:
+    """GradCache (``--grad-cache CHUNK``): the loss of ``batch`` and its gradients, times
+    ``weight`` and the loss scale, accumulated into the parameters while only ``CHUNK`` texts
+    hold activations at a time. Returns (loss [] unweighted, detached; tokens)."""
+    texts = batch_texts(run, stage, batch)
+    encoder = _ChunkEncoder(run, texts)
+    losses = []
+
+    def loss_fn(q: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+        with run.autocast():
+            loss = texts_loss(stage, texts, q, docs)
+        losses.append(loss.detach())
+        scaled = run.scaler.scale(loss)
+        return scaled * weight if weight != 1 else scaled
+
+    index = torch.arange(len(texts.texts))
+    grad_cache_step(encoder, index[: texts.rows], index[texts.rows :], loss_fn, run.cfg.grad_cache)
+    return losses[0], encoder.tokens
 
 
 @dataclass
 class StepOutput:
-    """What one step reports: this rank's ``loss`` (detached), the ``tokens`` it embedded and
-    the learning rate ``lr`` the step used."""
+    """What one step reports: this rank's ``loss`` (detached; the mean over the step's
+    batches), the ``tokens`` it embedded and the learning rate ``lr`` the step used."""
 
     loss: torch.Tensor
     tokens: int
     lr: float
 
 
-def train_step(run: TrainingRun, stage: Stage, batch: Sequence[TrainingExample]) -> StepOutput:
-    """One optimizer step on ``batch``: the loss under autocast, backward (DDP averages the
-    gradients), gradients clipped to ``cfg.max_grad_norm``, the optimizer step and the
-    schedule's step."""
-    with run.autocast():
-        loss, tokens = batch_loss(run, stage, batch)
+def train_step(run: TrainingRun, stage: Stage, batches: Sequence[Sequence[TrainingExample]]) -> StepOutput:
+    """One optimizer step on ``batches`` (``cfg.grad_accum`` of them): for each, the loss under
+    autocast and its backward (GradCache with ``cfg.grad_cache``), weighted 1 / len(batches)
+    (DDP averages the gradients on the last one only); then gradients unscaled (float16),
+    clipped to ``cfg.max_grad_norm``, the optimizer step and the schedule's step (float16: both
+    skipped when the gradients overflowed, and the loss scale halves)."""
+    n = len(batches)
+    weight = 1.0 / n
     stage.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    losses, tokens = [], 0
+    for i, batch in enumerate(batches):
+        sync = run.module.no_sync() if run.dist.on and i < n - 1 else nullcontext()
+        with sync:
+            if run.cfg.grad_cache is not None:
+                loss, t = grad_cache_backward(run, stage, batch, weight)
+            else:
+                with run.autocast():
+                    loss, t = batch_loss(run, stage, batch)
+                scaled = run.scaler.scale(loss)
+                (scaled * weight if n > 1 else scaled).backward()
+        losses.append(loss.detach())
+        tokens += t
+    if run.temperature is not None and run.dist.on and run.temperature.grad is not None:
+        run.dist.mean(run.temperature.grad)  # not a DDP parameter: average it as DDP does the rest
+    run.scaler.unscale_(stage.optimizer)
     torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
     lr = stage.optimizer.param_groups[0]["lr"]
-    stage.optimizer.step()
-    stage.scheduler.step()
-    return StepOutput(loss=loss.detach(), tokens=tokens, lr=lr)
+    scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
+    run.scaler.step(stage.optimizer)
+    run.scaler.update()
+    if scale is None or run.scaler.get_scale() >= scale:
+        stage.scheduler.step()  # not after a step the scaler skipped (inf / nan gradients)
+    loss = losses[0] if n == 1 else torch.stack(losses).mean()
+    return StepOutput(loss=loss, tokens=tokens, lr=lr)

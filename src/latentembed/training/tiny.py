@@ -58,9 +58,11 @@ def vocabulary_texts(examples: Sequence[TrainingExample], template="e5") -> list
     return texts
 
 
-def tiny_model(tokenizer: TextTokenizer, *, template: str = "e5", max_length: int = 128, **sizes) -> EmbeddingModel:
-    """A randomly initialised tiny :class:`EmbeddingModel` (mean pooling, ``TINY`` sizes)."""
+def tiny_model(
+    tokenizer: TextTokenizer, *, template: str = "e5", max_length: int = 128, causal: bool = False, **sizes
+) -> EmbeddingModel:
+    """A randomly initialised tiny :class:`EmbeddingModel` (mean pooling, ``TINY`` sizes;
+    bidirectional unless ``causal``)."""
     cfg = DecoderConfig(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id, **{**TINY, **sizes})
-    return EmbeddingModel(
-        cfg, EmbeddingConfig(pooling="mean", prompt_template=template, max_length=max_length), tokenizer=tokenizer
-    )
+    config = EmbeddingConfig(pooling="mean", prompt_template=template, max_length=max_length, causal=causal)
+    return EmbeddingModel(cfg, config, tokenizer=tokenizer)

@@ -12,14 +12,16 @@ Forward: every mask is applied to the tile in registers, then an online max / su
 gives the logsumexp, and a count of candidates above the positive gives its rank.
 
 Backward: D is large for embeddings (4096), so a flash-attention style backward, which keeps
-the [BLOCK, D] gradient accumulators of dq and dd in registers, does not fit. Instead the
-kernel recomputes the score tiles for a chunk of documents and writes
-dS = g_i * p_ij * scale for that chunk only ([B, chunk] in the input dtype, bounded memory),
-then two matmuls consume it: dd[chunk] = dS^T q (cuBLAS, written once) and
-dq += dS d[chunk] (a Triton matmul accumulating into an fp32 buffer). That is four matmuls of
-2*B*N*D in all (forward scores, recomputed scores, dq, dd): the floor for not storing scores.
-dscale = sum_i g_i sum_j p_ij s_ij is reduced per (group, row) in the same kernel and summed
-per chunk in a fixed order: deterministic, no atomics anywhere.
+the [BLOCK, D] gradient accumulators of dq and dd in registers, does not fit. Instead the tile
+kernel recomputes the score tiles and writes dS = g_i * (p_ij - [j = pos(i)]) * scale, transposed
+(dS^T, one row per document, in the input dtype), and cuBLAS GEMMs consume it: dq = dS d and
+dd = dS^T q. Where dS^T lives and how often dq is touched is the memory plan (plan.py): when
+B <= D, one launch writes dS^T for every document into the buffer that then receives dd, dq is
+ONE GEMM over all N documents written once (no fp32 accumulator), and dd follows in blocks;
+when B > D, chunks of documents each get a dS^T block and dq accumulates in fp32. Four matmuls
+of 2*B*N*D in all (forward scores, recomputed scores, dq, dd): the floor for not storing
+scores. dscale = sum_i g_i sum_j p_ij s_ij is reduced per (group, row) in the tile kernel and
+summed in a fixed order: deterministic, no atomics anywhere.
 """
 
 from __future__ import annotations
@@ -32,31 +34,31 @@ import triton.language as tl
 import triton.testing
 
 from ..dispatch import device_guard, triton_interpreting
+from ..tuning import select_configs, size_class
 from ._shapes import fake_backward, fake_forward
+from .plan import backward_plan
 from .rule import CandidateRule
 
-# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) tried by the autotuner on the GPU (H100).
-GPU_CONFIGS = [
-    (128, 128, 64, 8, 3),
-    (128, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (128, 256, 64, 8, 3),
-]
+# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) tried by the autotuner on the GPU (H100),
+# best guess first, for 16-bit inputs (tensor-core dots) and for fp32 (IEEE dots on the FMA
+# units: operands in registers, smaller tiles). Each survives _prune_tiles only where it compiles
+# for sm_90 without register spills (tests/ops/compile_infonce_sm90.py, with the Triton of the
+# GPU machine, 3.6, and of CI, 3.9): a [128, 128] fp32 score tile is 64 registers a thread at 8
+# warps, and the masks and exponentials keep two or three such tiles alive. Dropped after that
+# check: 4-warp [128, 128] and [64, 128] tiles and [128, 256] tiles (up to 1.9 KB of spills).
+HALF_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 64, 8, 4)]
+FP32_CONFIGS = [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)]
+GPU_CONFIGS = HALF_CONFIGS + FP32_CONFIGS
+# The backward's [128, 128] tile spills under Triton 3.9 once any mask beyond the positive is on.
+_RULE_MASKS = ("HAS_OWNER", "HAS_KEY", "HAS_THRESHOLD", "HAS_MARGIN", "EXCLUDE_DIAG")
 # Document groups are a multiple of every BLOCK_N so that tiles never straddle two groups.
-_GPU_GROUP_QUANTUM = 256
+_GPU_GROUP_QUANTUM = 128
 _INTERPRETER_TILE = (16, 16, 32)
-# Tests shrink these to exercise several groups / chunks at small sizes; None = automatic.
+# Tests shrink these to exercise several groups / chunks at small sizes, and force either memory
+# plan; None = automatic.
 GROUP_DOCS: Optional[int] = None
 CHUNK_DOCS: Optional[int] = None
-# The dS chunk of the backward holds about this many elements (8 MiB in bf16) ...
-_CHUNK_ELEMENTS = 1 << 22
-# ... but at least this many documents, so the matmuls that consume it stay compute-bound
-# (at B = 4096: [4096 x 1024] @ [1024 x D] and [1024 x 4096] @ [4096 x D], K >= 1024).
-# Each chunk's dq matmul also reads and writes the fp32 dq accumulator (2 x 64 MiB at
-# B = D = 4096, ~45 us at 2.96 TB/s against ~49 us of tensor-core math per 1024 documents):
-# smaller chunks would turn it memory-bound. (Not yet timed on the H100 at this size.)
-_MIN_CHUNK_DOCS = 1024
+ONE_PASS: Optional[bool] = None
 # CUDA's limit on grid dimensions y and z (the document groups of one launch run along y).
 _MAX_GRID_YZ = 65535
 
@@ -75,6 +77,25 @@ def _configs():
     ]
 
 
+def shipped_configs(fp32: bool, backward: bool, masks: bool) -> list:
+    """The (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) tuples the autotuner may try for a
+    launch: fp32 or 16-bit input, forward or backward, any rule mask beyond the positive on."""
+    if fp32:
+        return list(FP32_CONFIGS)
+    if backward and masks:
+        return [c for c in HALF_CONFIGS if c[1] <= 64]
+    return list(HALF_CONFIGS)
+
+
+def _prune_tiles(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    wanted = shipped_configs(
+        args["q_ptr"].dtype == torch.float32, bool(args["BACKWARD"]), any(args[f] for f in _RULE_MASKS)
+    )
+    key = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
+    return select_configs([c for c in configs if key(c) in wanted])
+
+
 @triton.jit
 def _score_tile(
     q_ptr,
@@ -87,30 +108,86 @@ def _score_tile(
     stride_q,
     stride_d,
     PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """[BLOCK_M, BLOCK_N] fp32 tile of q . d^T, looping over D; rows/cols out of range are 0."""
+    """[BLOCK_M, BLOCK_N] fp32 tile of q . d^T, looping over D. Rows / columns past B / N repeat
+    the last row's scores (every caller masks them): clamped indices instead of load masks keep
+    the pipelined loads free of per-element predicates, which cost registers; with EVEN_D (D a
+    multiple of BLOCK_D) the loads are not masked at all."""
     offs_k = tl.arange(0, BLOCK_D)
-    q_rows = q_ptr + offs_m[:, None].to(tl.int64) * stride_q
-    d_rows = d_ptr + offs_n[:, None].to(tl.int64) * stride_d
-    m_ok = offs_m[:, None] < B
-    n_ok = offs_n[:, None] < N
+    q_rows = q_ptr + tl.minimum(offs_m, B - 1)[:, None].to(tl.int64) * stride_q
+    d_rows = d_ptr + tl.minimum(offs_n, N - 1)[:, None].to(tl.int64) * stride_d
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_D):
         kk = k0 + offs_k[None, :]
-        a = tl.load(q_rows + kk, mask=m_ok & (kk < D), other=0.0)
-        b = tl.load(d_rows + kk, mask=n_ok & (kk < D), other=0.0)
+        if EVEN_D:
+            a = tl.load(q_rows + kk)
+            b = tl.load(d_rows + kk)
+        else:
+            a = tl.load(q_rows + kk, mask=kk < D, other=0.0)
+            b = tl.load(d_rows + kk, mask=kk < D, other=0.0)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     return acc
 
 
+@triton.jit
+def _drop_candidates(
+    x,
+    s,
+    dropped,
+    offs_m,
+    offs_n,
+    g_end,
+    doc_owner_ptr,
+    doc_key_ptr,
+    pos_key,
+    bound,
+    threshold,
+    HAS_OWNER: tl.constexpr,
+    HAS_KEY: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr,
+    HAS_MARGIN: tl.constexpr,
+    EXCLUDE_DIAG: tl.constexpr,
+):
+    """``x`` (a [BLOCK_M, BLOCK_N] tile: logits or kept flags) with ``dropped`` wherever one of
+    the rule's masks drops the candidate (the positive is put back by the caller)."""
+    if HAS_OWNER:
+        owner = tl.load(doc_owner_ptr + offs_n, mask=offs_n < g_end, other=-1)
+        x = tl.where(owner[None, :] == offs_m[:, None], x, dropped)
+    if EXCLUDE_DIAG:
+        x = tl.where(offs_n[None, :] != offs_m[:, None], x, dropped)
+    if HAS_THRESHOLD:
+        x = tl.where(s > threshold, dropped, x)
+    if HAS_MARGIN:
+        x = tl.where(s > bound[:, None], dropped, x)
+    if HAS_KEY:
+        key = tl.load(doc_key_ptr + offs_n, mask=offs_n < g_end, other=0)
+        x = tl.where(key[None, :] != pos_key[:, None], x, dropped)
+    return x
+
+
 @triton.autotune(
     configs=_configs(),
-    key=["D", "HAS_POS", "HAS_OWNER", "HAS_KEY", "HAS_THRESHOLD", "HAS_MARGIN", "EXCLUDE_DIAG", "SUB_POS", "BACKWARD"],
+    key=[
+        "D",
+        "TUNE_B",
+        "TUNE_N",
+        "HAS_POS",
+        "HAS_OWNER",
+        "HAS_KEY",
+        "HAS_THRESHOLD",
+        "HAS_MARGIN",
+        "EXCLUDE_DIAG",
+        "SUB_POS",
+        "BACKWARD",
+    ],
+    prune_configs_by={"early_config_prune": _prune_tiles},
     do_bench=_tuning_bench,
 )
+@triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 @triton.jit
 def _infonce_tile_kernel(
     q_ptr,
@@ -124,7 +201,7 @@ def _infonce_tile_kernel(
     spos_ptr,
     lse_ptr,
     g_ptr,
-    ds_ptr,
+    dst_ptr,
     m_part_ptr,
     l_part_ptr,
     c_part_ptr,
@@ -134,11 +211,13 @@ def _infonce_tile_kernel(
     D,
     stride_q,
     stride_d,
-    stride_ds,
+    stride_dst,
     n_start,
     n_end,
     group,
     threshold,
+    TUNE_B,
+    TUNE_N,
     HAS_POS: tl.constexpr,
     HAS_OWNER: tl.constexpr,
     HAS_KEY: tl.constexpr,
@@ -148,10 +227,17 @@ def _infonce_tile_kernel(
     SUB_POS: tl.constexpr,
     BACKWARD: tl.constexpr,
     PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """Score tiles of queries [pid_m block] x documents [one group of n_start..n_end).
+
+    Forward: per-(group, row) partials m, l (online logsumexp) and the count above the positive.
+    Backward: dS^T [n_end - n_start, B] (row j - n_start, column i; ``stride_dst`` between rows)
+    and per-(group, row) dscale partials. TUNE_B / TUNE_N are the size classes of B and of the
+    launch's documents: autotune keys only."""
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -161,6 +247,8 @@ def _infonce_tile_kernel(
         pos = tl.load(pos_index_ptr + offs_m, mask=row_ok, other=-1)
         if not BACKWARD:
             spos = tl.load(spos_ptr + offs_m, mask=row_ok, other=0.0)
+    pos_key = offs_m  # placeholders for the options that are off (compiled away)
+    bound = scale
     if HAS_KEY:  # the key of each row's positive, resolved by the launcher (doc_key[pos] by default)
         pos_key = tl.load(pos_key_ptr + offs_m, mask=row_ok, other=0)
     if HAS_MARGIN:
@@ -172,6 +260,7 @@ def _infonce_tile_kernel(
         # An empty candidate set has lse = -inf: p = exp(z - inf) = 0 instead of NaN.
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         g = tl.load(g_ptr + offs_m, mask=row_ok, other=0.0).to(tl.float32)
+        g_scale = g * scale
         dscale_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     else:
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -179,46 +268,49 @@ def _infonce_tile_kernel(
         c_i = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for n0 in range(g_start, g_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        s = _score_tile(q_ptr, d_ptr, offs_m, offs_n, B, N, D, stride_q, stride_d, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        s = _score_tile(
+            q_ptr, d_ptr, offs_m, offs_n, B, N, D, stride_q, stride_d, PRECISION, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D
+        )
+        # Registers: a [128, 128] fp32 tile is 64 a thread at 8 warps; every form below was
+        # chosen by compiling for sm_90 and reading ptxas' report (tests/ops/compile_infonce_sm90.py).
         in_tile = row_ok[:, None] & (offs_n < g_end)[None, :]
-        keep = in_tile
-        if HAS_OWNER:
-            owner = tl.load(doc_owner_ptr + offs_n, mask=offs_n < g_end, other=-1)
-            keep = keep & (owner[None, :] == offs_m[:, None])
-        if EXCLUDE_DIAG:
-            keep = keep & (offs_n[None, :] != offs_m[:, None])
-        if HAS_THRESHOLD:
-            keep = keep & ~(s > threshold)
-        if HAS_MARGIN:
-            keep = keep & ~(s > bound[:, None])
-        if HAS_KEY:
-            key = tl.load(doc_key_ptr + offs_n, mask=offs_n < g_end, other=0)
-            keep = keep & (key[None, :] != pos_key[:, None])
-        if HAS_POS:
-            is_pos = offs_n[None, :] == pos[:, None]
-            keep = keep | (is_pos & in_tile)
-        z = s * scale
         if BACKWARD:
-            p = tl.where(keep, tl.exp(z - lse[:, None]), 0.0)
+            # Masks applied to the logits one after the other (-inf: dropped) and the positive
+            # put back at the end: only s and the logits are alive at once.
+            x = tl.where(in_tile, s * scale, float("-inf"))
+            x = _drop_candidates(
+                x, s, float("-inf"), offs_m, offs_n, g_end, doc_owner_ptr, doc_key_ptr, pos_key, bound, threshold,
+                HAS_OWNER, HAS_KEY, HAS_THRESHOLD, HAS_MARGIN, EXCLUDE_DIAG,
+            )  # fmt: skip
+            if HAS_POS:
+                is_pos = (offs_n[None, :] == pos[:, None]) & in_tile
+                x = tl.where(is_pos, s * scale, x)
+            p = tl.exp(x - lse[:, None])  # dropped: exp(-inf) = 0; empty rows: lse = +inf
             if SUB_POS:  # loss_i = lse_i - scale * s_pos: cross-entropy's p - onehot
-                p = p - tl.where(is_pos & in_tile, 1.0, 0.0)
-            gp = g[:, None] * p
-            dscale_acc += tl.sum(gp * s, axis=1)
-            ds_ptrs = ds_ptr + offs_m[:, None].to(tl.int64) * stride_ds + (offs_n - n_start)[None, :]
-            tl.store(ds_ptrs, (gp * scale).to(ds_ptr.dtype.element_ty), mask=in_tile)
+                p = p - tl.where(is_pos, 1.0, 0.0)
+            dscale_acc += tl.sum(p * s, axis=1)
+            dst_ptrs = dst_ptr + (offs_n - n_start)[None, :].to(tl.int64) * stride_dst + offs_m[:, None]
+            tl.store(dst_ptrs, (p * g_scale[:, None]).to(dst_ptr.dtype.element_ty), mask=in_tile)
         else:
-            z = tl.where(keep, z, float("-inf"))
+            # One boolean tile of kept candidates (fewer registers here than masked logits: the
+            # rank needs the kept set and s together).
+            keep = _drop_candidates(
+                in_tile, s, False, offs_m, offs_n, g_end, doc_owner_ptr, doc_key_ptr, pos_key, bound, threshold,
+                HAS_OWNER, HAS_KEY, HAS_THRESHOLD, HAS_MARGIN, EXCLUDE_DIAG,
+            )  # fmt: skip
+            if HAS_POS:
+                is_pos = (offs_n[None, :] == pos[:, None]) & in_tile
+                c_i += tl.sum((keep & ~is_pos & (s > spos[:, None])).to(tl.int32), axis=1)
+                keep = keep | is_pos
+            z = tl.where(keep, s * scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(z, axis=1))
             # Rows with nothing kept so far keep m = -inf; shift by 0 so no (-inf) - (-inf).
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
             m_i = m_new
-            if HAS_POS:
-                above = keep & (s > spos[:, None]) & ~is_pos
-                c_i += tl.sum(above.to(tl.int32), axis=1)
     part = pid_g.to(tl.int64) * B + offs_m  # partials are per launch: [groups, B]
     if BACKWARD:
-        tl.store(dscale_part_ptr + part, dscale_acc, mask=row_ok)
+        tl.store(dscale_part_ptr + part, g * dscale_acc, mask=row_ok)  # sum_j g_i p_ij s_ij
     else:
         tl.store(m_part_ptr + part, m_i, mask=row_ok)
         tl.store(l_part_ptr + part, l_i, mask=row_ok)
@@ -244,45 +336,6 @@ def _positive_score_kernel(q_ptr, d_ptr, pos_index_ptr, out_ptr, D, stride_q, st
     tl.store(out_ptr + i, tl.sum(acc, axis=0))
 
 
-@triton.jit
-def _matmul_accumulate_kernel(
-    a_ptr,
-    b_ptr,
-    c_ptr,
-    M,
-    K,
-    Ncol,
-    stride_a,
-    stride_b,
-    stride_c,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """c [M, Ncol] fp32 += a [M, K] @ b [K, Ncol]: fp32 accumulation across calls."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_c + offs_n[None, :]
-    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < Ncol)
-    acc = tl.load(c_ptrs, mask=c_mask, other=0.0)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        a = tl.load(
-            a_ptr + offs_m[:, None].to(tl.int64) * stride_a + kk[None, :],
-            mask=(offs_m[:, None] < M) & (kk[None, :] < K),
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + kk[:, None].to(tl.int64) * stride_b + offs_n[None, :],
-            mask=(kk[:, None] < K) & (offs_n[None, :] < Ncol),
-            other=0.0,
-        )
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    tl.store(c_ptrs, acc, mask=c_mask)
-
-
 def _precision(dtype: torch.dtype) -> str:
     # fp32 input means the caller wants fp32 accuracy: no silent TF32.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -292,27 +345,17 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _group_docs(B: int, N: int, device: torch.device) -> int:
-    """Documents per program: enough groups for ~4 programs per SM, whole multiples of BLOCK_N."""
+def _group_docs(B: int, N: int, device: torch.device, sms: Optional[int] = None) -> int:
+    """Documents per program: enough groups for ~4 programs per SM (``sms`` SMs, read off the
+    device by default), whole multiples of BLOCK_N."""
     quantum = _INTERPRETER_TILE[1] if triton_interpreting() else _GPU_GROUP_QUANTUM
     if GROUP_DOCS is not None:
         return _round_up(GROUP_DOCS, quantum)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    if sms is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     splits = max(1, -(-4 * sms // -(-B // 128)))
     # Never more than _MAX_GRID_YZ groups (the grid's y dimension).
     return _round_up(max(-(-N // splits), -(-N // _MAX_GRID_YZ)), quantum)
-
-
-def _group_docs_backward() -> int:
-    quantum = _INTERPRETER_TILE[1] if triton_interpreting() else _GPU_GROUP_QUANTUM
-    return _round_up(GROUP_DOCS, quantum) if GROUP_DOCS is not None else quantum
-
-
-def _chunk_docs(B: int, N: int, group: int) -> int:
-    """Documents per backward chunk: a multiple of the group, bounded dS memory, and at most
-    _MAX_GRID_YZ groups (one launch's grid y) even when B = 1 asks for 2^22 documents."""
-    target = CHUNK_DOCS if CHUNK_DOCS is not None else max(_MIN_CHUNK_DOCS, _CHUNK_ELEMENTS // B)
-    return min(_round_up(target, group), _round_up(N, group), _MAX_GRID_YZ * group)
 
 
 def _launch_tiles(
@@ -330,14 +373,15 @@ def _launch_tiles(
     parts=None,
     lse=None,
     grad=None,
-    ds=None,
+    dst=None,
     dscale_part=None,
 ):
     """One launch of the tile kernel over documents [n_start, n_end): the forward when ``parts``
-    (m, l, count partials) are given, the backward when ``ds`` is. ``bound`` [B] = margin * pos_score."""
+    (m, l, count partials) are given, the backward when ``dst`` (dS^T, [n_end - n_start, B] with
+    unit column stride) is. ``bound`` [B] = margin * pos_score."""
     B, D = q.shape
     N = d.shape[0]
-    backward = ds is not None
+    backward = dst is not None
     m_part, l_part, c_part = parts if parts is not None else (None, None, None)
     groups = triton.cdiv(n_end - n_start, group)
     assert groups <= _MAX_GRID_YZ, f"{groups} document groups exceed the grid limit {_MAX_GRID_YZ}"
@@ -354,7 +398,7 @@ def _launch_tiles(
         spos_ptr=spos,
         lse_ptr=lse,
         g_ptr=grad,
-        ds_ptr=ds,
+        dst_ptr=dst,
         m_part_ptr=m_part,
         l_part_ptr=l_part,
         c_part_ptr=c_part,
@@ -364,11 +408,13 @@ def _launch_tiles(
         D=D,
         stride_q=q.stride(0),
         stride_d=d.stride(0),
-        stride_ds=ds.stride(0) if backward else 0,
+        stride_dst=dst.stride(0) if backward else 0,
         n_start=n_start,
         n_end=n_end,
         group=group,
         threshold=0.0 if rule.threshold is None else rule.threshold,
+        TUNE_B=size_class(B),
+        TUNE_N=size_class(n_end - n_start),
         HAS_POS=rule.pos_index is not None,
         HAS_OWNER=rule.doc_owner is not None,
         HAS_KEY=rule.doc_key is not None,
@@ -464,32 +510,37 @@ def infonce_lse_fwd_triton(
 infonce_lse_fwd_triton.register_fake(fake_forward)
 
 
-def _accumulate_matmul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor) -> None:
-    """out [M, Ncol] fp32 += a [M, K] @ b [K, Ncol]."""
-    M, K = a.shape
-    ncol = b.shape[1]
-    if triton_interpreting():
-        bm, bn, bk, warps, stages = 16, 32, 16, 4, 1
+# Whether torch.addmm(acc, a, b, out_dtype=float32, out=acc) accumulates in place on this torch
+# (None: not tried yet). The in-place form reads and writes acc once; the fallback adds a
+# separate fp32 product (one more [M, Ncol] buffer and pass).
+_ADDMM_IN_PLACE: Optional[bool] = None
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc [M, Ncol] fp32 += a [M, K] @ b [K, Ncol], products of 16-bit inputs summed in fp32."""
+    global _ADDMM_IN_PLACE
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif not acc.is_cuda:  # CPU (Triton's interpreter in tests): the same exact products, in fp32
+        acc.addmm_(a.float(), b.float())
+    elif _ADDMM_IN_PLACE is not False:  # cuBLAS: 16-bit operands, fp32 C read and written (torch >= 2.8)
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDMM_IN_PLACE = True
+        except RuntimeError:
+            if _ADDMM_IN_PLACE:  # it worked before: a real error
+                raise
+            _ADDMM_IN_PLACE = False
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
     else:
-        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
-    grid = (triton.cdiv(M, bm), triton.cdiv(ncol, bn))
-    _matmul_accumulate_kernel[grid](
-        a_ptr=a,
-        b_ptr=b,
-        c_ptr=out,
-        M=M,
-        K=K,
-        Ncol=ncol,
-        stride_a=a.stride(0),
-        stride_b=b.stride(0),
-        stride_c=out.stride(0),
-        PRECISION=_precision(a.dtype),
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_K=bk,
-        num_warps=warps,
-        num_stages=stages,
-    )
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+
+
+def _storage_view(storage: torch.UntypedStorage, dtype, offset: int, shape) -> torch.Tensor:
+    """A contiguous tensor of ``shape`` over ``storage`` from element ``offset``: a base tensor,
+    not a view, so autograd and custom_op treat it as a fresh output."""
+    stride = (shape[1], 1) if len(shape) == 2 else (1,)
+    return torch.empty(0, dtype=dtype, device=storage.device).set_(storage, offset, shape, stride)
 
 
 @torch.library.custom_op("latentembed::infonce_lse_bwd_triton", mutates_args=())
@@ -512,75 +563,93 @@ def infonce_lse_bwd_triton(
     """Gradients of sum_i grad_lse[i] * out[i]: (dq [B, D], dd [N, D], dscale [] fp32), where out
     is lse, or lse - scale * s_pos with subtract_positive. ``lse`` is the forward's logsumexp.
 
-    Extra memory beyond the outputs' 2-byte [B, D] + [N, D]: the fp32 dq accumulator (whose
-    storage the 2-byte dq then reuses, see _narrow_in_place) and one [B, chunk] dS. At B = 4096,
-    N = 16384, D = 4096 in bf16: dd 128 MiB + dq accumulator 64 MiB (dq lives in its first
-    32 MiB) + dS 4096 x 1024 x 2 B = 8 MiB, plus KiB-sized partials: about 200 MiB in all, of
-    which 160 MiB are the gradients themselves (a separate cast of dq would add 32 MiB)."""
+    Allocates exactly what :func:`~latentembed.ops.infonce.plan.backward_plan` says. At B = 4096,
+    N = 16384, D = 4096 in bf16 (one-pass plan): dd's buffer 128 MiB + 8 MiB past its end (dS^T
+    lives there first), dq 32 MiB, 16 x 4096 fp32 dscale partials 0.25 MiB: 168.25 MiB in all,
+    of which 160 MiB are the gradients themselves. The returned dd keeps the 8 MiB past its end
+    alive as long as it lives (its storage is the buffer)."""
+    rule = CandidateRule.from_arguments(locals())
+    return backward(grad_lse, q, d, scale, lse, rule, subtract_positive=subtract_positive)
+
+
+def backward(grad_lse, q, d, scale, lse, rule: CandidateRule, *, subtract_positive: bool):
+    """The body of :func:`infonce_lse_bwd_triton` (plain Python: tests watch its allocations)."""
     B, D = q.shape
     N = d.shape[0]
-    q, d, rule, lse, grad_lse = _kernel_inputs(q, d, CandidateRule.from_arguments(locals()), lse, grad_lse)
-    # The backward runs chunk by chunk, so its groups are small (one quantum) to give every
-    # chunk's launch enough programs; the forward's groups span all of N instead.
-    group = _group_docs_backward()
-    chunk = _chunk_docs(B, N, group)
-    scale32 = scale.to(torch.float32)
-    bound = _margin_bound(rule)
-    # dq sums over every chunk in fp32: accumulating in bf16/fp16 would round once per chunk,
-    # which fails the error budget.
-    grad_q = torch.zeros(B, D, device=q.device, dtype=torch.float32)
-    grad_d = torch.empty_like(d)
-    ds = torch.empty(B, chunk, device=q.device, dtype=q.dtype)
-    dscale_part = torch.empty(chunk // group, B, device=q.device, dtype=torch.float32)
+    q, d, rule, lse, grad_lse = _kernel_inputs(q, d, rule, lse, grad_lse)
+    plan = backward_plan(B, N, D, q.dtype, one_pass=ONE_PASS, chunk=CHUNK_DOCS)
+    group = _group_docs(B, plan.chunk, q.device)
+    tiles = dict(
+        scale=scale.to(torch.float32),
+        rule=rule,
+        bound=_margin_bound(rule),
+        group=group,
+        subtract_positive=subtract_positive,
+        lse=lse,
+        grad=grad_lse,
+    )
+    buffer = torch.empty(plan.buffer_elements, device=q.device, dtype=q.dtype).untyped_storage()
+    grad_d = _storage_view(buffer, q.dtype, 0, (N, D))
+    dscale_part = torch.empty(triton.cdiv(plan.chunk, group), B, device=q.device, dtype=torch.float32)
     grad_scale = torch.zeros((), device=q.device, dtype=torch.float64)
-    for n0 in range(0, N, chunk):
-        n1 = min(N, n0 + chunk)
-        ds_c = ds[:, : n1 - n0]
+    if plan.one_pass:
+        dst = _storage_view(buffer, q.dtype, plan.dst_offset, (N, B))  # dS^T, inside and past dd's rows
         with device_guard(q):
-            _launch_tiles(
-                q,
-                d,
-                scale32,
-                rule,
-                bound=bound,
-                group=group,
-                n_start=n0,
-                n_end=n1,
-                subtract_positive=subtract_positive,
-                lse=lse,
-                grad=grad_lse,
-                ds=ds,
-                dscale_part=dscale_part,
-            )
-            _accumulate_matmul(ds_c, d[n0:n1], out=grad_q)
-        torch.mm(ds_c.T, q, out=grad_d[n0:n1])
+            _launch_tiles(q, d, n_start=0, n_end=N, dst=dst, dscale_part=dscale_part, **tiles)
         # float64 for the few B * groups partials: the scalar sums B * N terms.
-        grad_scale += dscale_part[: triton.cdiv(n1 - n0, group)].sum(dtype=torch.float64)
-        del ds_c
-    # Both names hold dS's storage (ds_c is a view): drop both before the cast below.
-    del ds, dscale_part
-    return _narrow_in_place(grad_q, q.dtype, _CHUNK_ELEMENTS // D), grad_d, grad_scale.to(torch.float32)
+        grad_scale += dscale_part.sum(dtype=torch.float64)
+        grad_q = torch.mm(dst.T, d)  # over all N documents at once: rounded once
+        # dd block [a, b) ends (b*D) before the first unread dS^T row, row a (dst_offset + a*B).
+        for a in range(0, N, plan.dd_rows):
+            b = min(N, a + plan.dd_rows)
+            torch.mm(dst[a:b], q, out=grad_d[a:b])
+        del dst
+    else:
+        # dq sums over the chunks in fp32: accumulating in bf16/fp16 would round once per chunk,
+        # which fails the error budget. fp32 input accumulates in grad_q itself.
+        grad_q = torch.zeros(B, D, device=q.device, dtype=torch.float32)
+        ds_buffer = torch.empty(plan.ds_elements, device=q.device, dtype=q.dtype)
+        for n0 in range(0, N, plan.chunk):
+            n1 = min(N, n0 + plan.chunk)
+            dst = ds_buffer[: (n1 - n0) * B].view(n1 - n0, B)
+            with device_guard(q):
+                _launch_tiles(q, d, n_start=n0, n_end=n1, dst=dst, dscale_part=dscale_part, **tiles)
+            grad_scale += dscale_part[: triton.cdiv(n1 - n0, group)].sum(dtype=torch.float64)
+            torch.mm(dst, q, out=grad_d[n0:n1])
+            _accumulate_mm(grad_q, dst.T, d[n0:n1])
+        # The free dS^T buffer is the cast's scratch space: no allocation.
+        grad_q = _narrow_in_place(grad_q, q.dtype, ds_buffer)
+        del dst, ds_buffer
+    return grad_q, grad_d, grad_scale.to(torch.float32)
 
 
-def _narrow_in_place(acc: torch.Tensor, dtype: torch.dtype, rows: int) -> torch.Tensor:
+def _narrow_in_place(acc: torch.Tensor, dtype: torch.dtype, scratch: torch.Tensor) -> torch.Tensor:
     """acc [B, D] fp32 cast to ``dtype`` inside acc's own storage (no second [B, D] buffer).
 
     The 2-byte result, contiguous, occupies the first half of the storage: row i lands on fp32
     rows [i/2, (i+1)/2), which the row-block loop has already read (blocks go in order and each
-    is copied out to a temporary first). The returned tensor keeps the whole fp32 storage alive."""
+    is copied out to ``scratch``, a free 1-D buffer of ``dtype``, first; blocks of one row when it
+    holds less than a row). The returned tensor keeps the whole fp32 storage alive."""
     if dtype == acc.dtype:
         return acc
     B, D = acc.shape
-    # A base tensor (not a view) over acc's storage: autograd and custom_op treat it as fresh.
-    out = torch.empty(0, dtype=dtype, device=acc.device).set_(acc.untyped_storage(), 0, (B, D), (D, 1))
-    rows = max(1, rows)
+    out = _storage_view(acc.untyped_storage(), dtype, 0, (B, D))
+    rows = scratch.numel() // D
+    if rows == 0:
+        scratch, rows = torch.empty(D, dtype=dtype, device=acc.device), 1
     for r0 in range(0, B, rows):
-        block = acc[r0 : r0 + rows].to(dtype)  # read before any write can reach these rows
-        out[r0 : r0 + rows].copy_(block)
+        r1 = min(B, r0 + rows)
+        block = scratch[: (r1 - r0) * D].view(r1 - r0, D)
+        block.copy_(acc[r0:r1])  # read before any write can reach these rows
+        out[r0:r1].copy_(block)
     return out
 
 
 infonce_lse_bwd_triton.register_fake(fake_backward)
 
+#: The op's Triton kernels by name, for tools that compile or inspect them (the sm_90 resource
+#: reports of latentembed.bench.kernels).
+KERNELS = {"tile": _infonce_tile_kernel, "positive_score": _positive_score_kernel}
 
-__all__ = ["infonce_lse_fwd_triton", "infonce_lse_bwd_triton"]
+
+__all__ = ["KERNELS", "backward", "infonce_lse_fwd_triton", "infonce_lse_bwd_triton", "shipped_configs"]

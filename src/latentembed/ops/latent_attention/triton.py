@@ -14,11 +14,13 @@ D = 4096 fp32 columns in registers (impossible), or recompute the scores once pe
      fp32 scores for a separate softmax kernel would write (and then read back);
   3. ``y = addmm(x, P, U_flat)``: a plain GEMM with the residual fused (beta = 1), by cuBLAS.
 P is kept for the backward, which then needs no recomputation of the scores:
-  dS = P * (dP - rowsum(P * dP)) with dP = dy U_h^T, fused in ``_dscores_kernel`` (dP never
-  reaches memory); dLN = dS M_flat and dU = P^T dy are cuBLAS GEMMs; dM = dS^T LN(x) is
-  ``_dm_kernel``, which normalises x on load, so LN(x) is never stored; ``_ln_bwd_kernel`` ends
-  with the LayerNorm backward plus the residual gradient and per-block partial sums of the
-  LayerNorm weight and bias gradients.
+  dP = dy U_flat^T is a cuBLAS GEMM with an fp32 result (``mm(out_dtype=float32)``, torch >= 2.8),
+  and ``_softmax_bwd_kernel`` forms dS = P * (dP - rowsum_h(P * dP)) per head, as the CUDA
+  backend does. (A fused kernel that kept dP in registers needs two fp32 [BLOCK_T, R] tiles at
+  once: at R = 512 every configuration spilled for sm_90.) dLN = dS M_flat and dU = P^T dy are
+  cuBLAS GEMMs; dM = dS^T LN(x) is ``_dm_kernel``, which normalises x on load, so LN(x) is never
+  stored; ``_ln_bwd_kernel`` ends with the LayerNorm backward plus the residual gradient and
+  per-block partial sums of the LayerNorm weight and bias gradients.
 The score kernels run on a 1-D grid of H * row blocks with the head fastest
 (``pid = row_block * H + head``), so the H programs of one row block run together and read the
 same x tile from L2; and the row blocks stay on axis 0, whose limit is 2^31 - 1 (axes 1 and 2
@@ -38,6 +40,7 @@ import triton.language as tl
 import triton.testing
 
 from ..dispatch import device_guard, triton_interpreting
+from ..tuning import select_configs, size_class
 from ._shapes import grad_a_shape, segment_mean_shape
 
 
@@ -45,31 +48,41 @@ def _tuning_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-def _configs(interpreted: dict, gpu: list):
+def _configs(interpreted: dict, gpu: list, *, pruned: bool = False):
+    """Interpreter: one config. GPU: ``gpu`` ((meta, warps, stages), best guess first); kernels
+    with a pruning function (``pruned``) apply the autotune mode there, the others here."""
     if triton_interpreting():  # numpy per program: one config, few programs
         return [triton.Config(interpreted, num_warps=4)]
-    return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in gpu]
+    return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in (gpu if pruned else select_configs(gpu))]
+
+
+def score_tile_fits(block_t: int, block_r: int, num_warps: int) -> bool:
+    """The fp32 [BLOCK_T, BLOCK_R] score tile at <= 128 registers a thread."""
+    return block_t * block_r <= 128 * 32 * num_warps
+
+
+def _prune_row_tiles(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    kept = [c for c in configs if score_tile_fits(c.kwargs["BLOCK_T"], args["BLOCK_R"], c.num_warps)]
+    return select_configs(kept or configs[:1])
 
 
 def _prune_score_tiles(configs, named_args, **kwargs):
-    # Keep the fp32 [BLOCK_T, BLOCK_R] score tile at <= 128 registers a thread.
-    block_r = kwargs.get("BLOCK_R", named_args.get("BLOCK_R"))
-    kept = [c for c in configs if c.kwargs["BLOCK_T"] * block_r <= 128 * 32 * c.num_warps]
-    return kept or configs[:1]
+    args = {**named_args, **kwargs}
+    wanted = SCORE_FP32_CONFIGS if args["x_ptr"].dtype == torch.float32 else SCORE_HALF_CONFIGS
+    key = lambda c: (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages)
+    return _prune_row_tiles([c for c in configs if key(c) in wanted], named_args, **kwargs)
 
 
-_SCORE_GPU = [
-    ({"BLOCK_T": bt, "BLOCK_D": bd}, w, s)
-    for bt, bd, w, s in [
-        (64, 32, 8, 3),
-        (64, 64, 8, 3),
-        (32, 64, 4, 3),
-        (128, 32, 8, 3),
-        (64, 64, 4, 3),
-        (32, 128, 8, 2),
-        (16, 64, 4, 3),
-    ]
-]
+# (BLOCK_T, BLOCK_D, num_warps, num_stages) of the score kernel, best guess first, for 16-bit
+# inputs (tensor cores) and for fp32 (IEEE dots on the FMA units, operands in registers). Each
+# one that survives the pruning compiles for sm_90 without spills at every R from 16 to 512
+# (tests/ops/compile_latent_attention_sm90.py). Dropped after that check: 16-bit 32- and 16-row
+# tiles (130-460 B of spills at R = 512) and every 16-bit tile for fp32 input (up to 40 KB, and
+# 305 KiB of shared memory at R = 512).
+SCORE_HALF_CONFIGS = [(64, 32, 8, 3), (64, 64, 8, 3)]
+SCORE_FP32_CONFIGS = [(16, 16, 4, 2)]
+_SCORE_GPU = [({"BLOCK_T": bt, "BLOCK_D": bd}, w, s) for bt, bd, w, s in SCORE_HALF_CONFIGS + SCORE_FP32_CONFIGS]
 
 
 # ----------------------------------------------------------------------------- forward
@@ -80,11 +93,13 @@ _SCORE_GPU = [
         {"BLOCK_T": 32, "BLOCK_D": 128},
         [({"BLOCK_T": t, "BLOCK_D": d}, 4, 2) for t, d in [(8, 512), (16, 256), (4, 1024)]],
     ),
-    key=["D"],
+    key=["D", "TUNE_T"],
     do_bench=_tuning_bench,
 )
 @triton.jit
-def _ln_stats_kernel(x_ptr, mean_ptr, rstd_ptr, T, D, stride_xt, eps, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _ln_stats_kernel(
+    x_ptr, mean_ptr, rstd_ptr, T, D, stride_xt, eps, TUNE_T, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr
+):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xt
@@ -166,8 +181,8 @@ def _rows_times_head(
 
 
 @triton.autotune(
-    configs=_configs({"BLOCK_T": 32, "BLOCK_D": 64}, _SCORE_GPU),
-    key=["D", "BLOCK_R"],
+    configs=_configs({"BLOCK_T": 32, "BLOCK_D": 64}, _SCORE_GPU, pruned=True),
+    key=["D", "BLOCK_R", "TUNE_T"],
     prune_configs_by={"early_config_prune": _prune_score_tiles},
     do_bench=_tuning_bench,
 )
@@ -186,6 +201,7 @@ def _scores_softmax_kernel(
     R,
     stride_xt,
     stride_pt,
+    TUNE_T,
     IEEE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -259,7 +275,9 @@ def latent_attn_fwd_triton(
     probs = torch.empty(T, H * R, device=x.device, dtype=x.dtype)
     if T > 0:
         with device_guard(x):
-            _ln_stats_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)](x, mean, rstd, T, D, x.stride(0), eps)
+            _ln_stats_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)](
+                x, mean, rstd, T, D, x.stride(0), eps, size_class(T)
+            )
             _scores_softmax_kernel[_head_row_grid(H, T)](
                 x,
                 ln_weight,
@@ -274,6 +292,7 @@ def latent_attn_fwd_triton(
                 R,
                 x.stride(0),
                 probs.stride(0),
+                size_class(T),
                 IEEE=_is_ieee(x),
                 BLOCK_R=_block_r(R),
             )
@@ -292,69 +311,76 @@ def _(x, ln_weight, ln_bias, m, u, eps):
 # ----------------------------------------------------------------------------- backward
 
 
+# (BLOCK_T, num_warps) of the softmax backward: rows of one head per program, bandwidth-bound.
+_SOFTMAX_BWD_GPU = [({"BLOCK_T": t}, w, 1) for t, w in [(8, 4), (16, 8), (4, 4)]]
+
+
 @triton.autotune(
-    configs=_configs({"BLOCK_T": 32, "BLOCK_D": 64}, _SCORE_GPU),
-    key=["D", "BLOCK_R"],
-    prune_configs_by={"early_config_prune": _prune_score_tiles},
+    configs=_configs({"BLOCK_T": 16}, _SOFTMAX_BWD_GPU, pruned=True),
+    key=["BLOCK_R", "TUNE_T"],
+    prune_configs_by={"early_config_prune": _prune_row_tiles},
     do_bench=_tuning_bench,
 )
 @triton.jit
-def _dscores_kernel(
-    dy_ptr,
-    u_ptr,
+def _softmax_bwd_kernel(
     p_ptr,
+    dp_ptr,
     ds_ptr,
     T,
-    D,
     H,
     R,
-    stride_dyt,
     stride_pt,
-    IEEE: tl.constexpr,
+    stride_dpt,
+    TUNE_T,
     BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
 ):
-    """dS_h = P_h * (dP_h - rowsum(P_h * dP_h)) with dP_h = dy U_h^T accumulated here."""
+    """dS_h = P_h * (dP_h - rowsum(P_h * dP_h)) for BLOCK_T rows of head h, in fp32."""
     h = tl.program_id(0) % H
     rows = (tl.program_id(0) // H) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    dp = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
-    dp = _rows_times_head(
-        dy_ptr,
-        stride_dyt,
-        rows,
-        row_ok,
-        u_ptr + h.to(tl.int64) * R * D,
-        R,
-        D,
-        dp,
-        False,
-        dy_ptr,
-        dy_ptr,
-        dp,
-        dp,
-        IEEE,
-        BLOCK_R,
-        BLOCK_D,
-    )
     lat = tl.arange(0, BLOCK_R)
-    ok = row_ok[:, None] & (lat < R)[None, :]
+    ok = (rows < T)[:, None] & (lat < R)[None, :]
     offs = rows.to(tl.int64)[:, None] * stride_pt + h * R + lat[None, :]
     p = tl.load(p_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    dp = tl.load(dp_ptr + rows.to(tl.int64)[:, None] * stride_dpt + h * R + lat[None, :], mask=ok, other=0.0)
+    dp = dp.to(tl.float32)
     ds = p * (dp - tl.sum(p * dp, axis=1)[:, None])
     tl.store(ds_ptr + offs, ds.to(ds_ptr.dtype.element_ty), mask=ok)
+
+
+def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result: cuBLAS with 16-bit operands and an fp32 output on CUDA
+    (``torch.mm(..., out_dtype=torch.float32)``, torch >= 2.8), the same products summed in fp32
+    on CPU (the interpreter's tests)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+# (BLOCK_N, BLOCK_D, BLOCK_T, num_warps, num_stages) of dM = dS^T LN(x), for 16-bit inputs
+# (tensor cores) and for fp32 (IEEE dots on the FMA units, operands in registers: the 16-bit
+# tiles spilled 9 KB a thread there). All compile for sm_90 without spills.
+DM_HALF_CONFIGS = [(128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 128, 32, 4, 3), (128, 128, 64, 8, 3)]
+DM_FP32_CONFIGS = [(64, 64, 16, 8, 3), (64, 64, 16, 4, 3), (32, 64, 16, 4, 3)]
+
+
+def _prune_dm_tiles(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    wanted = DM_FP32_CONFIGS if args["ds_ptr"].dtype == torch.float32 else DM_HALF_CONFIGS
+    key = lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.kwargs["BLOCK_T"], c.num_warps, c.num_stages)
+    return select_configs([c for c in configs if key(c) in wanted])
 
 
 @triton.autotune(
     configs=_configs(
         {"BLOCK_N": 32, "BLOCK_D": 64, "BLOCK_T": 32},
-        [
-            ({"BLOCK_N": n, "BLOCK_D": d, "BLOCK_T": t}, w, s)
-            for n, d, t, w, s in [(128, 128, 32, 8, 3), (128, 64, 64, 4, 3), (64, 128, 32, 4, 3), (128, 128, 64, 8, 3)]
-        ],
+        [({"BLOCK_N": n, "BLOCK_D": d, "BLOCK_T": t}, w, s) for n, d, t, w, s in DM_HALF_CONFIGS + DM_FP32_CONFIGS],
+        pruned=True,
     ),
-    key=["D", "N"],
+    key=["D", "N", "TUNE_T"],
+    prune_configs_by={"early_config_prune": _prune_dm_tiles},
     do_bench=_tuning_bench,
 )
 @triton.jit
@@ -371,6 +397,7 @@ def _dm_kernel(
     N,
     stride_st,
     stride_xt,
+    TUNE_T,
     IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -490,26 +517,19 @@ def latent_attn_bwd_triton(
     dm = torch.empty(N, D, device=x.device, dtype=m.dtype) if need_dm else m.new_empty(0)
     dx = torch.empty_like(x)
     if T > 0:
+        with torch.autocast(x.device.type, enabled=False):
+            dp = mm_fp32_out(grad_y, u.view(N, D).t())  # [T, N] fp32: the softmax sees it unrounded
         with device_guard(x):
-            _dscores_kernel[_head_row_grid(H, T)](
-                grad_y,
-                u,
-                probs,
-                ds,
-                T,
-                D,
-                H,
-                R,
-                grad_y.stride(0),
-                probs.stride(0),
-                IEEE=_is_ieee(x),
-                BLOCK_R=_block_r(R),
+            _softmax_bwd_kernel[_head_row_grid(H, T)](
+                probs, dp, ds, T, H, R, probs.stride(0), dp.stride(0), size_class(T), BLOCK_R=_block_r(R)
             )
+        del dp
     if need_dm:
         with device_guard(x):
             _dm_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(D, meta["BLOCK_D"]))](
-                ds, x, ln_weight, ln_bias, mean, rstd, dm, T, D, N, ds.stride(0), x.stride(0), IEEE=_is_ieee(x)
-            )
+                ds, x, ln_weight, ln_bias, mean, rstd, dm, T, D, N, ds.stride(0), x.stride(0), size_class(T),
+                IEEE=_is_ieee(x),
+            )  # fmt: skip
         dm = dm.view(H, R, D)
     with torch.autocast(x.device.type, enabled=False):
         dxn = torch.mm(ds, m.view(N, D))
@@ -571,10 +591,14 @@ _GEGLU_GPU = [
 ]
 
 
-@triton.autotune(configs=_configs({"BLOCK_L": 32, "BLOCK_F": 128}, _GEGLU_GPU), key=["F"], do_bench=_tuning_bench)
+@triton.autotune(
+    configs=_configs({"BLOCK_L": 32, "BLOCK_F": 128}, _GEGLU_GPU),
+    key=["F", "TUNE_T", "TUNE_B"],
+    do_bench=_tuning_bench,
+)
 @triton.jit
 def _geglu_mean_fwd_kernel(
-    a_ptr, cu_ptr, out_ptr, F, stride_at, stride_ob, BLOCK_L: tl.constexpr, BLOCK_F: tl.constexpr
+    a_ptr, cu_ptr, out_ptr, F, stride_at, stride_ob, TUNE_T, TUNE_B, BLOCK_L: tl.constexpr, BLOCK_F: tl.constexpr
 ):
     b = tl.program_id(0)
     f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -596,7 +620,11 @@ def _geglu_mean_fwd_kernel(
     )
 
 
-@triton.autotune(configs=_configs({"BLOCK_L": 32, "BLOCK_F": 128}, _GEGLU_GPU), key=["F"], do_bench=_tuning_bench)
+@triton.autotune(
+    configs=_configs({"BLOCK_L": 32, "BLOCK_F": 128}, _GEGLU_GPU),
+    key=["F", "TUNE_T", "TUNE_B"],
+    do_bench=_tuning_bench,
+)
 @triton.jit
 def _geglu_mean_bwd_kernel(
     grad_out_ptr,
@@ -607,6 +635,8 @@ def _geglu_mean_bwd_kernel(
     stride_gob,
     stride_at,
     stride_gt,
+    TUNE_T,
+    TUNE_B,
     BLOCK_L: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
@@ -642,7 +672,9 @@ def geglu_segment_mean_fwd_triton(a: torch.Tensor, cu_seqlens: torch.Tensor) -> 
     batch, F = segment_mean_shape(a, cu_seqlens)
     out = torch.empty(batch, F, device=a.device, dtype=a.dtype)
     with device_guard(a):
-        _geglu_mean_fwd_kernel[_geglu_grid(batch, F)](a, cu_seqlens, out, F, a.stride(0), out.stride(0))
+        _geglu_mean_fwd_kernel[_geglu_grid(batch, F)](
+            a, cu_seqlens, out, F, a.stride(0), out.stride(0), size_class(a.shape[0]), size_class(batch)
+        )
     return out
 
 
@@ -660,7 +692,16 @@ def geglu_segment_mean_bwd_triton(grad_out: torch.Tensor, a: torch.Tensor, cu_se
     batch, F = grad_out.shape
     with device_guard(a):
         _geglu_mean_bwd_kernel[_geglu_grid(batch, F)](
-            grad_out, a, cu_seqlens, grad_a, F, grad_out.stride(0), a.stride(0), grad_a.stride(0)
+            grad_out,
+            a,
+            cu_seqlens,
+            grad_a,
+            F,
+            grad_out.stride(0),
+            a.stride(0),
+            grad_a.stride(0),
+            size_class(a.shape[0]),
+            size_class(batch),
         )
     return grad_a
 
@@ -668,3 +709,16 @@ def geglu_segment_mean_bwd_triton(grad_out: torch.Tensor, a: torch.Tensor, cu_se
 @geglu_segment_mean_bwd_triton.register_fake
 def _(grad_out, a, cu_seqlens):
     return a.new_empty(grad_a_shape(grad_out, a.shape[0]))
+
+
+#: The op's Triton kernels by name, for tools that compile or inspect them (the sm_90 resource
+#: reports of latentembed.bench.kernels).
+KERNELS = {
+    "ln_stats": _ln_stats_kernel,
+    "scores_softmax": _scores_softmax_kernel,
+    "softmax_bwd": _softmax_bwd_kernel,
+    "dm": _dm_kernel,
+    "ln_bwd": _ln_bwd_kernel,
+    "geglu_fwd": _geglu_mean_fwd_kernel,
+    "geglu_bwd": _geglu_mean_bwd_kernel,
+}

@@ -11,12 +11,15 @@ def masked_mean_pool_ref(
     hidden: torch.Tensor,
     mask: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Mean of the kept rows of each sequence, accumulated in at least float32.
 
     Padded: hidden [B, L, D], mask [B, L] (nonzero = keep; ``None`` keeps every position).
     Packed: hidden [T, D], cu_seqlens [B+1] int32 (sequence b is rows cu_seqlens[b]:cu_seqlens[b+1]).
-    Returns [B, D] in hidden's dtype. A sequence with nothing to keep gives zeros (not NaN), and
+    Returns [B, D] in ``out_dtype`` (default: hidden's dtype), rounded once from the float32 (at
+    least) mean; hidden's gradient comes back in hidden's dtype. A sequence with nothing to keep
+    gives zeros (not NaN), and
     its rows get zero gradient. Differentiable by autograd; no argument checks (the public
     ``masked_mean_pool`` does those).
     """
@@ -41,4 +44,4 @@ def masked_mean_pool_ref(
         total = hidden.new_zeros(batch, hidden.shape[1], dtype=acc_dtype)
         total = total.index_add(0, seq_of_row, hidden.to(acc_dtype))
         count = lengths.to(acc_dtype)[:, None]
-    return (total / count.clamp_min(1)).to(hidden.dtype)
+    return (total / count.clamp_min(1)).to(hidden.dtype if out_dtype is None else out_dtype)

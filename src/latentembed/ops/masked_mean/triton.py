@@ -22,6 +22,7 @@ import triton.language as tl
 import triton.testing
 
 from ..dispatch import device_guard, triton_interpreting
+from ..tuning import select_configs, size_class
 from ._shapes import grad_hidden_shape, pooled_shape
 
 # (BLOCK_L, BLOCK_D, num_warps) tried by the autotuner on the GPU.
@@ -37,7 +38,7 @@ def _tuning_bench(kernel_call, quantiles):
 def _configs():
     if triton_interpreting():  # the interpreter runs each program in numpy: big tiles, few programs
         return [triton.Config({"BLOCK_L": 32, "BLOCK_D": 256}, num_warps=4)]
-    return [triton.Config({"BLOCK_L": bl, "BLOCK_D": bd}, num_warps=w) for bl, bd, w in GPU_CONFIGS]
+    return [triton.Config({"BLOCK_L": bl, "BLOCK_D": bd}, num_warps=w) for bl, bd, w in select_configs(GPU_CONFIGS)]
 
 
 @triton.jit
@@ -52,7 +53,12 @@ def _row_range(cu_ptr, b, L, IS_VARLEN: tl.constexpr):
     return start, end
 
 
-@triton.autotune(configs=_configs(), key=["D", "HAS_MASK", "IS_VARLEN"], do_bench=_tuning_bench)
+# Keys: D, the layout, and the size classes of the batch and of the rows per sequence (TUNE_B,
+# TUNE_L: the grid and the loop length, which change the best tile).
+_KEY = ["D", "HAS_MASK", "IS_VARLEN", "TUNE_B", "TUNE_L"]
+
+
+@triton.autotune(configs=_configs(), key=_KEY, do_bench=_tuning_bench)
 @triton.jit
 def _masked_mean_fwd_kernel(
     h_ptr,
@@ -67,6 +73,8 @@ def _masked_mean_fwd_kernel(
     stride_mb,
     stride_ml,
     stride_ob,
+    TUNE_B,
+    TUNE_L,
     HAS_MASK: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     BLOCK_L: tl.constexpr,
@@ -100,7 +108,7 @@ def _masked_mean_fwd_kernel(
     tl.store(out_ptr + b * stride_ob + offs_d, mean.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-@triton.autotune(configs=_configs(), key=["D", "HAS_MASK", "IS_VARLEN"], do_bench=_tuning_bench)
+@triton.autotune(configs=_configs(), key=_KEY, do_bench=_tuning_bench)
 @triton.jit
 def _masked_mean_bwd_kernel(
     grad_out_ptr,
@@ -114,6 +122,8 @@ def _masked_mean_bwd_kernel(
     stride_ml,
     stride_gb,
     stride_gl,
+    TUNE_B,
+    TUNE_L,
     HAS_MASK: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     BLOCK_L: tl.constexpr,
@@ -164,14 +174,18 @@ def _grid(batch: int, D: int):
 
 @torch.library.custom_op("latentembed::masked_mean_fwd_triton", mutates_args=())
 def masked_mean_fwd_triton(
-    hidden: torch.Tensor, mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor]
+    hidden: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor],
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """hidden [B, L, D] (+ mask [B, L]) or [T, D] + cu_seqlens [B+1] -> [B, D], hidden's dtype.
+    """hidden [B, L, D] (+ mask [B, L]) or [T, D] + cu_seqlens [B+1] -> [B, D] in ``out_dtype``
+    (default: hidden's); the kernel rounds its float32 mean once, to that dtype.
 
     hidden and mask may have any strides (passed to the kernel); cu_seqlens is read as contiguous."""
     varlen = cu_seqlens is not None
     batch, D = pooled_shape(hidden, cu_seqlens)
-    out = torch.empty(batch, D, device=hidden.device, dtype=hidden.dtype)
+    out = torch.empty(batch, D, device=hidden.device, dtype=out_dtype or hidden.dtype)
     if varlen:
         cu_seqlens = cu_seqlens.contiguous()
         strides = (0, hidden.stride(0), hidden.stride(1))
@@ -192,6 +206,8 @@ def masked_mean_fwd_triton(
             *strides,
             *mask_strides,
             out.stride(0),
+            size_class(batch),
+            size_class(length if not varlen else -(-length // max(batch, 1))),
             HAS_MASK=mask is not None,
             IS_VARLEN=varlen,
         )
@@ -199,8 +215,8 @@ def masked_mean_fwd_triton(
 
 
 @masked_mean_fwd_triton.register_fake
-def _(hidden, mask, cu_seqlens):
-    return hidden.new_empty(pooled_shape(hidden, cu_seqlens))
+def _(hidden, mask, cu_seqlens, out_dtype=None):
+    return hidden.new_empty(pooled_shape(hidden, cu_seqlens), dtype=out_dtype or hidden.dtype)
 
 
 @torch.library.custom_op("latentembed::masked_mean_bwd_triton", mutates_args=())
@@ -209,14 +225,17 @@ def masked_mean_bwd_triton(
     mask: Optional[torch.Tensor],
     cu_seqlens: Optional[torch.Tensor],
     length: int,
+    grad_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """grad_out [B, D] -> grad of hidden: [B, length, D] padded, [length, D] packed."""
+    """grad_out [B, D] -> grad of hidden: [B, length, D] padded, [length, D] packed, in
+    ``grad_dtype`` (default: grad_out's; hidden's dtype when the forward had an out_dtype)."""
     varlen = cu_seqlens is not None
     batch, D = grad_out.shape
     # The kernel takes grad_out's row stride only, and reads cu_seqlens as contiguous.
     grad_out = grad_out if grad_out.stride(1) == 1 else grad_out.contiguous()
     cu_seqlens = cu_seqlens.contiguous() if varlen else None
-    grad_h = torch.empty(grad_hidden_shape(grad_out, cu_seqlens, length), device=grad_out.device, dtype=grad_out.dtype)
+    shape = grad_hidden_shape(grad_out, cu_seqlens, length)
+    grad_h = torch.empty(shape, device=grad_out.device, dtype=grad_dtype or grad_out.dtype)
     mask = _mask_for_kernel(mask)
     mask_strides = mask.stride() if mask is not None else (0, 0)
     grad_strides = (0, grad_h.stride(0)) if varlen else grad_h.stride()[:2]
@@ -231,6 +250,8 @@ def masked_mean_bwd_triton(
             grad_out.stride(0),
             *mask_strides,
             *grad_strides,
+            size_class(batch),
+            size_class(length if not varlen else -(-length // max(batch, 1))),
             HAS_MASK=mask is not None,
             IS_VARLEN=varlen,
         )
@@ -238,5 +259,10 @@ def masked_mean_bwd_triton(
 
 
 @masked_mean_bwd_triton.register_fake
-def _(grad_out, mask, cu_seqlens, length):
-    return grad_out.new_empty(grad_hidden_shape(grad_out, cu_seqlens, length))
+def _(grad_out, mask, cu_seqlens, length, grad_dtype=None):
+    return grad_out.new_empty(grad_hidden_shape(grad_out, cu_seqlens, length), dtype=grad_dtype or grad_out.dtype)
+
+
+#: The op's Triton kernels by name, for tools that compile or inspect them (the sm_90 resource
+#: reports of latentembed.bench.kernels).
+KERNELS = {"fwd": _masked_mean_fwd_kernel, "bwd": _masked_mean_bwd_kernel}

@@ -37,13 +37,19 @@ import triton.language as tl
 import triton.testing
 
 from ..dispatch import device_guard, triton_interpreting
+from ..tuning import select_configs, size_class
 from .grouping import BLOCK_M
 
-# (SUB_M, BLOCK_K, BLOCK_N, SPLIT_N, num_warps, num_stages) tried by the autotuner on the GPU.
-# One BLOCK_M block of the grouping runs as BLOCK_M // SUB_M programs times SPLIT_N slices of the
-# output columns (each slice recomputes the cheap [SUB_M, R] shrink): at the benchmark shape a
-# batch of 8192 rows is only ~130 blocks, fewer than one per SM pair, so splitting buys
-# memory-level parallelism for the bandwidth-bound pass over base_out and out.
+# (SUB_M, BLOCK_K, BLOCK_N, SPLIT_N, num_warps, num_stages) tried by the autotuner on the GPU,
+# best guess first, for 16-bit inputs (tensor-core dots) and for fp32 (IEEE dots on the FMA units:
+# operands in registers, so smaller tiles). One BLOCK_M block of the grouping runs as
+# BLOCK_M // SUB_M programs times SPLIT_N slices of the output columns (each slice recomputes the
+# cheap [SUB_M, R] shrink): at the benchmark shape a batch of 8192 rows is only ~130 blocks,
+# fewer than one per SM pair, so splitting buys memory-level parallelism for the bandwidth-bound
+# pass over base_out and out. Every configuration compiles for sm_90 without register spills at
+# every rank class up to R = 128 (tests/ops/compile_multi_lora_sm90.py); dropped after that
+# check: (32, 64, 256, 2, 8, 3) (4 B in the backward) and, for fp32, every 16-bit tile (up to 77 KB
+# a thread at R = 128).
 SHRINK_EXPAND_CONFIGS = [
     (64, 64, 128, 1, 4, 3),
     (64, 128, 128, 2, 4, 3),
@@ -51,31 +57,63 @@ SHRINK_EXPAND_CONFIGS = [
     (64, 64, 256, 1, 8, 3),
     (32, 64, 128, 1, 4, 3),
     (32, 128, 128, 2, 4, 3),
-    (32, 64, 256, 2, 8, 3),
     (64, 128, 64, 1, 4, 4),
 ]
+SHRINK_EXPAND_FP32_CONFIGS = [(16, 32, 64, 1, 4, 2)]
 # (BLOCK_K, num_warps, num_stages) for the weight-gradient partials.
 PARTIAL_CONFIGS = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3)]
+PARTIAL_FP32_CONFIGS = [(32, 4, 2), (16, 4, 2)]
 
 
 def _tuning_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
+def _shrink_expand_config(sm, bk, bn, sp, w, s):
+    return triton.Config({"SUB_M": sm, "BLOCK_K": bk, "BLOCK_N": bn, "SPLIT_N": sp}, num_warps=w, num_stages=s)
+
+
 def _shrink_expand_configs():
     if triton_interpreting():  # numpy per program: big tiles, few programs
         # SUB_M < BLOCK_M so that CPU tests cover the sub-block split (and its empty sub-blocks).
         return [triton.Config({"SUB_M": 32, "BLOCK_K": 64, "BLOCK_N": 64, "SPLIT_N": 1}, num_warps=4)]
-    return [
-        triton.Config({"SUB_M": sm, "BLOCK_K": bk, "BLOCK_N": bn, "SPLIT_N": sp}, num_warps=w, num_stages=s)
-        for sm, bk, bn, sp, w, s in SHRINK_EXPAND_CONFIGS
-    ]
+    return [_shrink_expand_config(*c) for c in SHRINK_EXPAND_CONFIGS + SHRINK_EXPAND_FP32_CONFIGS]
 
 
 def _partial_configs():
     if triton_interpreting():
         return [triton.Config({"BLOCK_K": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s) for bk, w, s in PARTIAL_CONFIGS]
+    shipped = PARTIAL_CONFIGS + PARTIAL_FP32_CONFIGS
+    return [triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s) for bk, w, s in shipped]
+
+
+def _prune_by_dtype(half: list, fp32: list, key):
+    """An early_config_prune keeping the configurations of the input's dtype (x_ptr), then the
+    autotune mode's share of them."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        wanted = fp32 if args["x_ptr"].dtype == torch.float32 else half
+        return select_configs([c for c in configs if key(c) in wanted])
+
+    return prune
+
+
+_prune_shrink_expand = _prune_by_dtype(
+    SHRINK_EXPAND_CONFIGS,
+    SHRINK_EXPAND_FP32_CONFIGS,
+    lambda c: (*(c.kwargs[k] for k in ("SUB_M", "BLOCK_K", "BLOCK_N", "SPLIT_N")), c.num_warps, c.num_stages),
+)
+_prune_partial = _prune_by_dtype(
+    PARTIAL_CONFIGS, PARTIAL_FP32_CONFIGS, lambda c: (c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+)
+
+
+def shipped_configs(kernel: str, fp32: bool) -> list:
+    """The configuration tuples the autotuner may try: ``kernel`` "shrink_expand" or "partial"."""
+    if kernel == "shrink_expand":
+        return list(SHRINK_EXPAND_FP32_CONFIGS if fp32 else SHRINK_EXPAND_CONFIGS)
+    return list(PARTIAL_FP32_CONFIGS if fp32 else PARTIAL_CONFIGS)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -91,7 +129,8 @@ def rank_pad(rank: int) -> int:
 
 @triton.autotune(
     configs=_shrink_expand_configs(),
-    key=["K", "M_OUT", "R_PAD", "HAS_BASE", "STORE_H"],
+    key=["K", "M_OUT", "R_PAD", "HAS_BASE", "STORE_H", "TUNE_BLOCKS"],
+    prune_configs_by={"early_config_prune": _prune_shrink_expand},
     do_bench=_tuning_bench,
 )
 @triton.jit
@@ -120,6 +159,7 @@ def _shrink_expand_kernel(
     stride_bm,
     stride_yn,
     stride_ym,
+    TUNE_BLOCKS,
     HAS_BASE: tl.constexpr,
     STORE_H: tl.constexpr,
     STORE_Y: tl.constexpr,
@@ -218,7 +258,12 @@ def _shrink_expand_kernel(
                 )
 
 
-@triton.autotune(configs=_partial_configs(), key=["K", "R_PAD"], do_bench=_tuning_bench)
+@triton.autotune(
+    configs=_partial_configs(),
+    key=["K", "R_PAD", "TUNE_BLOCKS"],
+    prune_configs_by={"early_config_prune": _prune_partial},
+    do_bench=_tuning_bench,
+)
 @triton.jit
 def _weight_grad_partial_kernel(
     h_ptr,
@@ -230,6 +275,7 @@ def _weight_grad_partial_kernel(
     R,
     stride_xn,
     stride_xk,
+    TUNE_BLOCKS,
     R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -315,6 +361,7 @@ def _shrink_expand(x, w1_strides, w1, w2_strides, w2, scaling, base, y, h, rows,
         *w2_strides,
         *base_strides,
         *y_strides,
+        size_class(num_blocks),
         HAS_BASE=base is not None,
         STORE_H=store_h,
         STORE_Y=store_y,
@@ -341,6 +388,7 @@ def _weight_grad(h, x, rows, reduce_blocks, reduce_offsets, out, out_strides, R)
             K,
             R,
             *x.stride(),
+            size_class(num_rb),
             R_PAD=rank_pad(R),
             BLOCK_M=BLOCK_M,
             DOT_PRECISION=dot_precision(x.dtype),
@@ -476,3 +524,12 @@ def _(
         lora_a.new_empty(lora_a.shape) if need_a else x.new_empty(0),
         lora_b.new_empty(lora_b.shape) if need_b else x.new_empty(0),
     )
+
+
+#: The op's Triton kernels by name, for tools that compile or inspect them (the sm_90 resource
+#: reports of latentembed.bench.kernels).
+KERNELS = {
+    "shrink_expand": _shrink_expand_kernel,
+    "weight_grad_partial": _weight_grad_partial_kernel,
+    "sum_partials": _sum_partials_kernel,
+}

@@ -1,0 +1,69 @@
+"""`python -m latentembed bench --op train_step` runs latentembed's LoRA training step and the
+same step in sentence-transformers + PEFT on a tiny random model (a smoke run, not a timing),
+each in its own subprocess, and reports the ratios."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from latentembed.bench import BENCHMARKS, ON_REQUEST, train_step
+
+
+def test_train_step_runs_both_sides_and_reports_ratios():
+    assert BENCHMARKS["train_step"] is train_step and "train_step" in ON_REQUEST
+    rows, skipped = train_step.run(torch.device("cpu"), 0.0, configs=["causal"], steps=1, warmup=1)
+    impls = {r.impl for r in rows}
+    assert "latentembed" in impls
+    anchors = all(importlib.util.find_spec(m) for m in ("sentence_transformers", "peft"))
+    assert ("st-peft" in impls) == anchors, skipped
+    for r in rows:
+        assert r.median_ms > 0 and r.peak_extra_mib > 0 and r.real_tokens > 0
+        assert r.tokens_per_s == pytest.approx(r.real_tokens / (r.median_ms / 1e3))
+    ours = next(r for r in rows if r.impl == "latentembed")
+    assert ours.positions == ours.real_tokens  # packed on CPU: no position is padding
+    if anchors:
+        base = next(r for r in rows if r.impl == "st-peft")
+        assert base.real_tokens == ours.real_tokens  # the same token ids on both sides
+        assert base.positions > base.real_tokens  # three padded forwards
+    report = train_step.summarize(rows)
+    assert "tiny random model" in report
+    if anchors:
+        assert "causal: step time latentembed / st-peft" in report and "-> info" in report
+    _, skipped = train_step.run(torch.device("cpu"), 0.0, impls=["st-peft"], configs=["bidir"])
+    assert "causal attention only" in skipped["st-peft bidir"]
+
+
+def _row(impl, config, ms, mib, tokens=100):
+    return train_step.StepMeasurement(
+        op="train_step",
+        case=f"smollm2-hf fp32 {config}",
+        impl=impl,
+        mode="encode" if config == "encode" else "step",
+        median_ms=ms,
+        bytes_moved=0,
+        gbps=0.0,
+        pct_copy=0.0,
+        peak_extra_mib=mib,
+        real_tokens=tokens,
+    )
+
+
+def test_summary_says_met_and_missed():
+    rows = [
+        _row("latentembed", "causal", 90.0, 1200.0),
+        _row("st-peft", "causal", 100.0, 1000.0),
+        _row("latentembed", "encode", 80.0, 1.0),
+        _row("st-peft", "encode", 100.0, 1.0),
+    ]
+    report = train_step.summarize(rows)
+    assert "causal: step time latentembed / st-peft = 0.90x (target <= 1.0x) -> met" in report
+    assert "causal: peak memory latentembed / st-peft = 1.20x (target <= 1.0x) -> MISSED" in report
+    assert "encode: encode time latentembed / st-peft = 0.80x (target <= 0.75x) -> MISSED" in report
+
+
+def test_import_row_measures_the_package_over_torch():
+    row = train_step._import_row("latentembed", "tiny random Llama", reps=1)
+    assert row.mode == "import" and 0 < row.over_torch_s < row.median_ms / 1e3
+    report = train_step.summarize([row])
+    assert "import latentembed:" in report and "over import torch (target <= 0.3 s)" in report
