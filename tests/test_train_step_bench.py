@@ -67,3 +67,23 @@ def test_import_row_measures_the_package_over_torch():
     assert row.mode == "import" and 0 < row.over_torch_s < row.median_ms / 1e3
     report = train_step.summarize([row])
     assert "import latentembed:" in report and "over import torch (target <= 0.3 s)" in report
+
+
+def test_ablation_variants_undo_one_saving_each():
+    rows, _ = train_step.run(
+        torch.device("cpu"),
+        0.0,
+        impls=["latentembed"],
+        configs=["causal"],
+        steps=1,
+        warmup=1,
+        variants=["padded", "stored-dropout"],
+    )
+    shipped = next(r for r in rows if r.impl == "latentembed")
+    padded = next(r for r in rows if r.impl == "latentembed[padded]")
+    assert padded.real_tokens == shipped.real_tokens == shipped.positions
+    assert padded.positions > padded.real_tokens  # one [3B, L] forward computes the padding too
+    stored = next(r for r in rows if r.impl == "latentembed[stored-dropout]")
+    assert stored.positions == shipped.positions and stored.peak_extra_mib > 0
+    with pytest.raises(ValueError, match="variants must be among"):
+        train_step.run(torch.device("cpu"), 0.0, variants=["unpacked"])

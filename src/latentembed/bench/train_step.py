@@ -45,7 +45,7 @@ from typing import Optional, Sequence
 import torch
 
 from .harness import Measurement
-from .train_step_sides import encode_texts, latentembed_side, st_peft_side, tiny_model_dir
+from .train_step_sides import VARIANTS, encode_texts, latentembed_side, st_peft_side, tiny_model_dir
 
 OP = "train_step"
 IMPLS = ("latentembed", "st-peft")
@@ -187,10 +187,17 @@ def run(
     steps: int = 5,
     warmup: int = 2,
     configs: Optional[Sequence[str]] = None,
+    variants: Sequence[str] = (),
     timeout: float = 1800.0,
 ):
     """Every configuration of :data:`CONFIGS` for latentembed and st-peft (bidirectional runs
-    latentembed only: sentence-transformers runs Llama causal), each in its own subprocess."""
+    latentembed only: sentence-transformers runs Llama causal), each in its own subprocess.
+    ``variants``: also run these latentembed variants of
+    :data:`~latentembed.bench.train_step_sides.VARIANTS` on the step configurations (the
+    ablation; their rows' impl is ``latentembed[variant]``)."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"variants must be among {sorted(VARIANTS)}, got {unknown}")
     chosen = [i for i in IMPLS if not impls or i in impls]
     skipped = {}
     for impl in chosen:
@@ -212,7 +219,10 @@ def run(
         for name, ckpt, causal, mode in CONFIGS:
             if configs and name not in configs:
                 continue
-            for impl in chosen:
+            runs = [(impl, "default") for impl in chosen]
+            if mode == "step" and "latentembed" in chosen:
+                runs += [("latentembed", v) for v in variants if v != "default"]
+            for impl, variant in runs:
                 if impl == "st-peft" and not causal:
                     skipped.setdefault("st-peft bidir", "sentence-transformers runs Llama with causal attention only")
                     continue
@@ -230,6 +240,7 @@ def run(
                     warmup=warmup,
                     seed=0,
                     encode_texts=284,
+                    variant=variant,
                 )
                 res = _run_worker(spec, timeout)
                 times = sorted(res["times_s"])
@@ -238,7 +249,7 @@ def run(
                     StepMeasurement(
                         op=OP,
                         case=f"{label} fp32 {name}" if device.type == "cpu" else f"{label} {name}",
-                        impl=impl,
+                        impl=impl if variant == "default" else f"{impl}[{variant}]",
                         mode=mode,
                         median_ms=med * 1e3,
                         bytes_moved=0,
@@ -349,6 +360,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--ablation",
+        action="append",
+        choices=sorted(VARIANTS),
+        help="also run this latentembed variant on the step configurations (repeatable): "
+        + "; ".join(f"{k}: {v}" for k, v in VARIANTS.items()),
+    )
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -361,6 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         steps=args.steps,
         warmup=args.warmup,
         configs=args.config,
+        variants=args.ablation or (),
     )
     print(summarize(rows))
     for impl, why in skipped.items():

@@ -53,16 +53,43 @@ def encode_texts(count: int = 284) -> list[str]:
 # -- the two sides (run inside a worker process) -----------------------------------------------
 
 
+#: latentembed variants of the ablation (``--ablation``), each undoing one of the step's savings.
+VARIANTS = {
+    "default": "as shipped: packed input, seeded LoRA dropout",
+    "padded": "queries and documents as one padded [3B, L] forward (the trainer before issue 19)",
+    "stored-dropout": "LoRA dropout as F.dropout on the adapter input (mask and dropped copy stored)",
+    "no-dropout": "LoRA dropout 0 (what dropout costs at all)",
+}
+
+
+def _store_dropout_masks() -> None:
+    """Patch this worker's LoRA layers to apply dropout as ``F.dropout`` before the op (PEFT's
+    and the pre-issue-19 way: autograd keeps the mask and the dropped input per layer)."""
+    from ..modules import lora
+    from ..ops.multi_lora import multi_lora_linear_add
+
+    def stored(base_out, x, lora_a, lora_b, scaling, grouping, *, p, seed, backend):
+        x = torch.nn.functional.dropout(x, p, training=True)
+        return multi_lora_linear_add(base_out, x, lora_a, lora_b, scaling, grouping, backend=backend, validate=False)
+
+    lora.multi_lora_add_with_dropout = stored
+
+
 def latentembed_side(spec: dict):
     from ..models.embedding import EmbeddingModel
     from ..modules.contrastive import InfoNCELoss
     from ..tokenization import pack_sequences, tokenize_with_prompts
 
     device = torch.device(spec["device"])
+    variant = spec.get("variant", "default")
+    if variant == "stored-dropout":
+        _store_dropout_masks()
+    dropout = 0.0 if variant == "no-dropout" else spec["dropout"]
+    packed = False if variant == "padded" else None
     model = EmbeddingModel.from_pretrained(
         spec["model"], pooling="mean", causal=spec["causal"], add_eos=False, device=device
     )
-    model.add_adapters(["default"], rank=16, alpha=32.0, dropout=spec["dropout"], target_modules=list(LORA_TARGETS))
+    model.add_adapters(["default"], rank=16, alpha=32.0, dropout=dropout, target_modules=list(LORA_TARGETS))
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name)
     if spec["checkpointing"]:
@@ -80,7 +107,7 @@ def latentembed_side(spec: dict):
             model.tokenizer, texts, "", max_length=spec["max_length"], add_eos=False, mask_instruction="none"
         )
         batch = pack_sequences(tokenized.input_ids, tokenized.pool_mask).to(device)
-        args, kwargs = model.batch_inputs(batch)
+        args, kwargs = model.batch_inputs(batch, packed=packed)
         emb = model(*args, **kwargs, tasks=["default"] * len(texts)).float()
         loss = loss_fn(emb[:B], emb[B : 2 * B], hard_negatives=emb[2 * B :].view(B, 1, -1))
         optimizer.zero_grad(set_to_none=True)
