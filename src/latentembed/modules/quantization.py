@@ -104,7 +104,7 @@ def quantize_embeddings(
 
     Example:
         >>> quantize_embeddings(torch.tensor([[0.5, -1.0, 2.0, 0.0, 1, 1, 1, -1]]), "ubinary")
-        tensor([[166]], dtype=torch.uint8)
+        tensor([[174]], dtype=torch.uint8)
     """
     _check_embeddings("embeddings", embeddings)
     _check_precision(precision)
