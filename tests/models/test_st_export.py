@@ -81,8 +81,12 @@ def assert_close(a, b):
     torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "last", "weighted_mean", "first", "latent_attention"])
-@pytest.mark.parametrize("tokenizer", ["bpe", "metaspace"])
+@pytest.mark.parametrize(
+    "pooling, tokenizer",
+    # every pooling once; a BOS template (metaspace) and an [SEP]-ending one (wordpiece) for the EOS
+    [(p, "bpe") for p in ("mean", "last", "weighted_mean", "first", "latent_attention")]
+    + [("last", "metaspace"), ("latent_attention", "metaspace"), ("mean", "wordpiece")],
+)
 def test_encode_equals_sentence_transformers(tmp_path, pooling, tokenizer):
     model = tiny_model(pooling, tokenizer)
     path = export(model, tmp_path / "st")

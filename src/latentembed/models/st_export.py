@@ -271,6 +271,7 @@ def write_sentence_transformers(model: nn.Module, directory: Path, *, adapter: O
             )
     hf = model.backbone.config.to_hf_dict()
     hf.update(is_causal=bool(cfg.causal), use_bidirectional_attention=not cfg.causal)
+    hf["dtype"] = str(next(model.backbone.parameters()).dtype).removeprefix("torch.")  # as written
     hf["architectures"] = [LATENT_ARCHITECTURE if latent else _hf_class(hf["model_type"])]
     dim = model.backbone.config.hidden_size
     modules = [{"idx": 0, "name": "0", "path": "", "type": _ST_MODULE + "Transformer"}]

@@ -108,11 +108,12 @@ class LatentAttentionBlock(nn.Module):
         self.latents = nn.Parameter(torch.randn(num_latents, latent_dim))
 
     def forward(self, features: dict) -> dict:
-        x = features["token_embeddings"]
+        hidden = features["token_embeddings"]
+        x = hidden.to(self.latents.dtype)  # the block runs in its weights' dtype
         cross_attn, cross_ff = self.cross_attend_blocks
-        latents = self.latents.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        latents = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)
         h = cross_attn(x, latents) + x
-        features["token_embeddings"] = cross_ff(h) + h
+        features["token_embeddings"] = (cross_ff(h) + h).to(hidden.dtype)
         return features
 
     def save(self, output_path: str, *args, **kwargs) -> None:
