@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from latentembed import EmbeddingModel
+    from latentembed.atomic_io import atomic_write_json
     from latentembed.evaluation.data import load_retrieval_dataset
     from latentembed.evaluation.quantized import evaluate_precisions
 
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
             f"{r['recall@10']:.4f} | {r['bytes_per_vector']} |"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "rows": rows}, indent=2) + "\n")
+        atomic_write_json(args.json, {"info": info, "rows": rows})
     return 0
 
 

@@ -133,3 +133,20 @@ def test_protocol_surface():
     assert encoder.similarity_pairwise(a, b)[1] == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(TypeError, match="expected a latentembed EmbeddingModel, got str"):
         MTEBEncoder("intfloat/e5-mistral-7b-instruct")
+
+
+def test_exported_directory_scores_the_same_in_mteb(tmp_path):
+    """MTEB's own sentence-transformers wrapper on the export (its "query" / "document" prompts)
+    and the native adapter on the model give one score."""
+    from sentence_transformers import SentenceTransformer
+
+    corpus, queries, qrels = write_set(tmp_path / "set")
+    model = tiny_model("last", prompt_template="e5")
+    model.save_pretrained(tmp_path / "st", format="sentence-transformers")
+    task = local_task(corpus, queries, qrels)
+    native = mteb.evaluate(MTEBEncoder(model), [task], cache=None, show_progress_bar=False)
+    exported = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    through_st = mteb.evaluate(exported, [task], cache=None, show_progress_bar=False)
+    a, b = (r.task_results[0].scores["test"][0] for r in (native, through_st))
+    assert a["ndcg_at_10"] == pytest.approx(b["ndcg_at_10"], abs=1e-5)
+    assert a["mrr_at_10"] == pytest.approx(b["mrr_at_10"], abs=1e-5)

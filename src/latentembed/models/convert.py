@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .._cli_types import cli_flag
+from .._cli_types import cli_flag, positive_int
 
 __all__ = ["main", "build_parser"]
 
@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default=FORMATS[0], help="what to write (default %(default)s)")
     p.add_argument("--pooling", help="pooling of a plain decoder checkpoint (mean, last, weighted_mean, ...)")
     p.add_argument("--prompt-template", help="prompt template (nvembed, e5, nomic, ...): its prompts are exported")
-    p.add_argument("--max-length", type=int, help="max tokens per text (sentence-transformers' max_seq_length)")
+    p.add_argument(
+        "--max-length", type=positive_int, help="max tokens per text (sentence-transformers' max_seq_length)"
+    )
     p.add_argument(
         "--peft", type=_peft, action="append", default=[], metavar="NAME=DIR", help="a PEFT LoRA adapter (repeatable)"
     )
