@@ -34,6 +34,7 @@ def test_codes_equal_sentence_transformers(precision, dim):
     if precision.endswith("int8"):
         ranges = calibration_ranges(calib)
         assert torch.equal(quantize_embeddings(x, precision, ranges=ranges), ours)
+        assert torch.equal(quantize_embeddings(x, precision, ranges=ranges.numpy()), ours)  # numpy too
         with pytest.warns(UserWarning, match="int8 buckets computed from the 50 embeddings"):
             own = quantize_embeddings(x, precision)
         assert np.array_equal(own.numpy(), st_util.quantize_embeddings(x.numpy(), precision=precision))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import warnings
 from typing import Optional
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -56,6 +57,7 @@ def calibration_ranges(calibration: torch.Tensor) -> torch.Tensor:
     tensor([[ 0., -1.],
             [ 2.,  1.]])
     """
+    calibration = _as_tensor(calibration)
     _check_embeddings("calibration", calibration)
     if calibration.shape[0] == 0:
         raise ValueError("calibration: expected at least one embedding, got none")
@@ -63,7 +65,13 @@ def calibration_ranges(calibration: torch.Tensor) -> torch.Tensor:
     return torch.stack([x.min(0).values, x.max(0).values])
 
 
+def _as_tensor(x):
+    """numpy arrays (what sentence-transformers users hold) as tensors; the rest unchanged."""
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+
+
 def _ranges(embeddings: torch.Tensor, ranges: Optional[torch.Tensor], calibration: Optional[torch.Tensor]):
+    ranges, calibration = _as_tensor(ranges), _as_tensor(calibration)
     if ranges is not None and calibration is not None:
         raise ValueError("pass ranges or calibration, not both")
     if ranges is None and calibration is None and embeddings.shape[0] < 2:
@@ -96,7 +104,8 @@ def quantize_embeddings(
     Args:
         precision: ``"float32"`` (returned as float32), ``"int8"``, ``"uint8"``, ``"binary"``,
             ``"ubinary"``.
-        ranges: [2, D] per-dimension (min, max) for int8 / uint8 (:func:`calibration_ranges`).
+        ranges: [2, D] per-dimension (min, max) for int8 / uint8 (:func:`calibration_ranges`);
+            a tensor or a numpy array.
         calibration: [M, D] embeddings to compute the ranges from (instead of ``ranges``).
 
     Returns:
