@@ -25,7 +25,12 @@ import torch
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="a directory EmbeddingModel.from_pretrained reads")
+    p.add_argument(
+        "--sentence-transformers",
+        action="store_true",
+        help="encode with sentence_transformers.SentenceTransformer(--model) instead (a reference model)",
+    )
     p.add_argument("--data", required=True, help="a BEIR-style directory: corpus.jsonl, queries.jsonl, qrels.jsonl")
     p.add_argument("--pooling", default="mean")
     p.add_argument("--template", default="e5")
@@ -51,6 +56,14 @@ def main(argv=None) -> int:
         saved = torch.load(args.cache)
         q_emb, d_emb = saved["queries"], saved["docs"]
         info["encode_s"] = saved.get("encode_s")
+    elif args.sentence_transformers:
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(args.model, device="cpu")
+        t0 = time.perf_counter()
+        d_emb = model.encode([corpus[d] for d in doc_ids], batch_size=args.batch_size, convert_to_tensor=True)
+        q_emb = model.encode([queries[q] for q in query_ids], batch_size=args.batch_size, convert_to_tensor=True)
+        info["encode_s"] = time.perf_counter() - t0
     else:
         model = EmbeddingModel.from_pretrained(
             args.model, pooling=args.pooling, prompt_template=args.template, max_length=args.max_length
