@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from latentembed.evaluation.data import load_retrieval_dataset
@@ -131,6 +132,20 @@ def test_protocol_surface():
     sim = encoder.similarity(a.numpy(), b.numpy())
     assert sim.shape == (2, 2) and sim[1, 1] == pytest.approx(1.0, abs=1e-6)
     assert encoder.similarity_pairwise(a, b)[1] == pytest.approx(1.0, abs=1e-6)
+    # instruction-retrieval rows: each query with its own instruction, in row order
+    from types import SimpleNamespace
+
+    batches = [
+        {"text": ["a cat", "bread"], "instruction": ["Find pets", ""]},
+        {"text": ["a fox"], "instruction": ["Find pets"]},
+    ]
+    got = encoder.encode(batches, task_metadata=SimpleNamespace(name="X"), hf_split="test", hf_subset="default")
+    expected = [
+        model.encode(["a cat"], instruction="Find pets"),
+        model.encode(["bread"], task="search_query"),
+        model.encode(["a fox"], instruction="Find pets"),
+    ]
+    assert np.allclose(got, np.concatenate([e.numpy() for e in expected]), atol=1e-6)
     with pytest.raises(TypeError, match="expected a latentembed EmbeddingModel, got str"):
         MTEBEncoder("intfloat/e5-mistral-7b-instruct")
 

@@ -101,15 +101,19 @@ class MTEBEncoder:
         kind = getattr(prompt_type, "value", prompt_type)
         prompt = self.prompt_for(task_metadata.name, getattr(task_metadata, "description", None), kind)
         batch_size = kwargs.get("batch_size", self.batch_size)
-        if kind != "document" and "instruction" not in prompt and any(row_instructions):
-            # instruction retrieval: each query row brings its own instruction
-            out = [
-                self.model.encode([t], instruction=i or None, task=None if i else prompt["task"])
-                for t, i in zip(texts, row_instructions)
-            ]
-            return torch.stack(out).cpu().numpy() if out else np.zeros((0, self._dim()), np.float32)
         if not texts:
             return np.zeros((0, self._dim()), np.float32)
+        if kind != "document" and "instruction" not in prompt and any(row_instructions):
+            # instruction retrieval: each query row brings its own instruction; one encode per
+            # distinct instruction, results put back in row order
+            out = np.zeros((len(texts), self._dim()), np.float32)
+            groups: dict = {}
+            for i, instruction in enumerate(row_instructions):
+                groups.setdefault(instruction or None, []).append(i)
+            for instruction, rows in groups.items():
+                kw = {"instruction": instruction} if instruction else prompt
+                out[rows] = self.model.encode([texts[i] for i in rows], batch_size=batch_size, convert_to="numpy", **kw)
+            return out
         return self.model.encode(texts, batch_size=batch_size, convert_to="numpy", **prompt)
 
     def _dim(self) -> int:
