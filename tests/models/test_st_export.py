@@ -135,6 +135,16 @@ def test_last_token_with_instruction_prompts(tmp_path, tokenizer):
     assert_close(st_encode(path, TEXTS, prompt_name="sts"), model.encode(TEXTS, task="sts"))
 
 
+@pytest.mark.parametrize("pooling, template, max_length", [("last", "e5", 30), ("mean", "none", 12)])
+def test_truncation_keeps_the_eos_on_both_sides(tmp_path, pooling, template, max_length):
+    model = tiny_model(pooling, "metaspace", prompt_template=template, max_length=max_length)
+    path = export(model, tmp_path / "st")
+    task = "retrieval" if template != "none" else None
+    with pytest.warns(UserWarning, match="truncated"):
+        ours = model.encode(TEXTS, task=task)
+    assert_close(st_encode(path, TEXTS, prompt_name="query"), ours)
+
+
 def test_mask_mismatch_warns(tmp_path):
     # metaspace adds BOS: sentence-transformers' prompt length counts it, latentembed pools it
     model = tiny_model("mean", "metaspace", prompt_template=NEWLINE_TEMPLATE)
@@ -246,12 +256,16 @@ SMOLLM2 = Path(os.environ.get("LATENTEMBED_SMOLLM2_DIR", "/work/cache/smollm2-hf
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (SMOLLM2 / "model.safetensors").is_file(), reason=f"no SmolLM2 directory at {SMOLLM2}")
-@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("pooling", ["mean", "last", "latent_attention"])
 def test_real_smollm2(tmp_path, pooling):
     # mean with e5's prompts would warn: its "Query: " merges with the text's first token
     template = "e5" if pooling == "last" else "none"
-    model = EmbeddingModel.from_pretrained(SMOLLM2, pooling=pooling, prompt_template=template).eval()
+    latent = dict(num_latents=16, num_heads=2, dim_head=32, ff_mult=1) if pooling == "latent_attention" else None
+    model = EmbeddingModel.from_pretrained(
+        SMOLLM2, pooling=pooling, latent_attention=latent, prompt_template=template
+    ).eval()  # a fresh latent head on the real backbone
     path = export(model, tmp_path / "st")
     kwargs = {"prompt_name": "query"} if pooling == "last" else {}
     ours = model.encode(TEXTS, task="retrieval" if pooling == "last" else None)
-    torch.testing.assert_close(st_encode(path, TEXTS, **kwargs), ours, atol=2e-5, rtol=0)
+    theirs = st_encode(path, TEXTS, trust=pooling == "latent_attention", **kwargs)
+    torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=0)
