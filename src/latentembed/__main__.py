@@ -1,4 +1,5 @@
-"""Command line: `python -m latentembed info|bench|train|eval` (`train -h` / `eval -h` for theirs)."""
+"""Command line: `python -m latentembed info|bench|train|eval|convert` (`train -h`, `eval -h`, `convert -h`
+for theirs)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .evaluation.cli import main as eval_main
 
         return eval_main(argv[1:])
+    if argv and argv[0] == "convert":
+        from .models.convert import main as convert_main
+
+        return convert_main(argv[1:])
     parser = argparse.ArgumentParser(prog="latentembed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="fine-tune an embedding model with LoRA and the InfoNCE loss (train -h)")
     sub.add_parser("eval", help="nDCG@10, MRR@10 and recall@k on a BEIR-style JSONL set (eval -h)")
+    sub.add_parser("convert", help="write a model as a sentence-transformers directory (TEI, vLLM, MTEB) (convert -h)")
     sub.add_parser("info", help="versions, GPU, CUDA extension and the backend each op would use")
     bench = sub.add_parser("bench", help="benchmark the ops on the current device")
     bench.add_argument(

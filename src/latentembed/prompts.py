@@ -43,6 +43,9 @@ __all__ = [
     "TEMPLATES",
     "get_template",
     "resolve_prompt",
+    "QUERY_TASKS",
+    "DOCUMENT_TASKS",
+    "role_task",
 ]
 
 
@@ -320,3 +323,24 @@ def resolve_prompt(
     if task_prompt.instruction is not None:
         return ResolvedPrompt(tmpl.format_instruction(task_prompt.instruction), adapter)
     return ResolvedPrompt("", adapter)
+
+
+#: The task that plays the query / the document side in each built-in template, first match
+#: wins: what exporters (sentence-transformers' ``"query"`` / ``"document"`` prompts) and MTEB's
+#: query / document prompt types map to.
+QUERY_TASKS = ("retrieval", "search_query", "retrieval.query")
+DOCUMENT_TASKS = ("document", "search_document", "retrieval.passage")
+
+
+def role_task(template: str | Mapping[str, Any] | PromptTemplate, role: str) -> str | None:
+    """The task of ``template`` for ``role`` (``"query"`` or ``"document"``), or ``None`` when
+    the template has none (documents then take no prompt; queries none either).
+
+    >>> role_task("nomic", "query"), role_task("e5", "document"), role_task("none", "query")
+    ('search_query', 'document', None)
+    """
+    names = {"query": QUERY_TASKS, "document": DOCUMENT_TASKS}
+    if role not in names:
+        raise ValueError(f"role must be 'query' or 'document', got {role!r}")
+    tasks = get_template(template).tasks
+    return next((t for t in names[role] if t in tasks), None)

@@ -9,13 +9,20 @@ document index, for every chunking (``_chunk_candidates`` takes each chunk's top
 ``torch.topk``, or a stable sort where a row has ties at the cut-off; ``_merge_topk`` merges with
 a stable sort).
 ``exact_search_reference`` is the spec: the full product and one stable sort.
+
+``hamming_search`` is the same exact search over packed binary codes (``binary`` / ``ubinary``
+from :func:`~latentembed.modules.quantization.quantize_embeddings`) by smallest Hamming distance,
+and ``rescore`` re-ranks its candidates (say the best ``4 k``) with float embeddings: the usual
+pair of an in-memory binary index and float vectors read for the few candidates.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["exact_search", "exact_search_reference"]
+from ..modules.quantization import hamming_distance
+
+__all__ = ["exact_search", "exact_search_reference", "hamming_search", "rescore"]
 
 
 def _check_inputs(query_embeddings: torch.Tensor, doc_embeddings: torch.Tensor, k: int) -> None:
@@ -142,3 +149,57 @@ def exact_search_reference(
     sorted_scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
     keep = min(k, doc_embeddings.shape[0])
     return sorted_scores[:, :keep], order[:, :keep]
+
+
+def hamming_search(
+    query_codes: torch.Tensor, doc_codes: torch.Tensor, k: int, *, chunk_size: int = 16384
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` documents of smallest Hamming distance to each query, exactly.
+
+    Args:
+        query_codes: [Q, B] packed sign bits (int8 ``binary`` or uint8 ``ubinary``).
+        doc_codes: [N, B] of the same dtype and width, same device.
+        k: positive int (``min(k, N)`` results).
+        chunk_size: documents compared at a time (the XOR holds Q x chunk_size x B bytes).
+    Returns:
+        ``(distances [Q, k'] int32, indices [Q, k'] int64)``, nearest first; equal distances
+        ordered by increasing document index.
+
+    Example::
+
+        >>> from latentembed.modules.quantization import quantize_embeddings
+        >>> q = quantize_embeddings(torch.randn(2, 64), "ubinary")
+        >>> d = quantize_embeddings(torch.randn(50, 64), "ubinary")
+        >>> hamming_search(q, d, k=5)[1].shape
+        torch.Size([2, 5])
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: expected a positive int, got {k!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+    if query_codes.device != doc_codes.device:
+        raise ValueError(f"doc_codes: expected device {query_codes.device} (as query_codes), got {doc_codes.device}")
+    keep = min(k, doc_codes.shape[0])
+    best = torch.zeros(query_codes.shape[0], 0, dtype=torch.float32, device=query_codes.device)
+    best_idx = torch.zeros(query_codes.shape[0], 0, dtype=torch.int64, device=query_codes.device)
+    for d0 in range(0, doc_codes.shape[0], chunk_size):
+        # negated distances as float32 scores: exact for any code width below 2**24 bits
+        scores = -hamming_distance(query_codes, doc_codes[d0 : d0 + chunk_size]).float()
+        scores, idx = _chunk_candidates(scores, d0, keep)
+        best, best_idx = _merge_topk(best, best_idx, scores, idx, keep)
+    return (-best).to(torch.int32), best_idx
+
+
+def rescore(
+    query_embeddings: torch.Tensor, doc_embeddings: torch.Tensor, candidates: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-rank each query's ``candidates`` [Q, m] (document indices) by the float dot product of
+    ``query_embeddings`` [Q, D] and ``doc_embeddings`` [N, D] (only the candidates' rows are
+    read) and keep the best ``min(k, m)``: ``(scores [Q, k'] float32, indices [Q, k'])``, ties
+    by candidate order."""
+    _check_inputs(query_embeddings, doc_embeddings, k)
+    docs = doc_embeddings[candidates].float()  # [Q, m, D]
+    scores = torch.einsum("qd,qmd->qm", query_embeddings.float(), docs)
+    keep = min(k, candidates.shape[1])
+    sorted_scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
+    return sorted_scores[:, :keep], torch.gather(candidates, 1, order[:, :keep])

@@ -27,6 +27,7 @@ from ..modules.attention import packed_runs_lean
 from ..modules.lora import apply_multi_lora, multi_lora_layers
 from ..modules.pooling import Pooling
 from ..modules.pooling_functions import check_pool_mask, l2_normalize
+from ..modules.quantization import PRECISIONS, quantize_embeddings
 from ..ops import checks
 from ..prompts import get_template, resolve_prompt
 from ..tokenization import (
@@ -376,6 +377,9 @@ class EmbeddingModel(nn.Module):
         normalize: Optional[bool] = None,
         show_progress: Optional[bool] = None,
         convert_to: str = "torch",
+        precision: str = "float32",
+        ranges: Optional[torch.Tensor] = None,
+        calibration: Optional[torch.Tensor] = None,
     ):
         """Embed ``texts``, returned in input order.
 
@@ -392,7 +396,13 @@ class EmbeddingModel(nn.Module):
             normalize: L2-normalise; ``None``: ``config.normalize``.
             show_progress: a progress line on stderr; ``None``: when there are more than
                 ``8 * batch_size`` texts and stderr is a terminal.
-            convert_to: ``"torch"`` (float32 on the model's device) or ``"numpy"`` (float32).
+            convert_to: ``"torch"`` (on the model's device) or ``"numpy"``.
+            precision: ``"float32"``, or quantised codes as sentence-transformers' ``encode``
+                gives them: ``"int8"`` / ``"uint8"`` [N, D] (per-dimension buckets from
+                ``ranges`` [2, D] or from ``calibration`` embeddings [M, D]; without either,
+                from these texts' embeddings, with a warning), ``"binary"`` / ``"ubinary"``
+                (sign bits packed, [N, ceil(D / 8)] int8 / uint8). See
+                :mod:`latentembed.modules.quantization`.
 
         Threads: concurrent calls on one model are correct and run one at a time; each runs
         the module in eval mode and puts back the mode it found. Plain forwards (``model(...,
@@ -403,6 +413,10 @@ class EmbeddingModel(nn.Module):
             raise ValueError(f"convert_to must be 'torch' or 'numpy', got {convert_to!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if (ranges is not None or calibration is not None) and precision not in ("int8", "uint8"):
+            raise ValueError(f"ranges= / calibration= set the int8 / uint8 buckets; precision is {precision!r}")
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         # encode switches the module to eval mode and back: shared state, so concurrent calls
@@ -417,6 +431,10 @@ class EmbeddingModel(nn.Module):
                 normalize=normalize,
                 show_progress=show_progress,
             )
+        if precision != "float32":
+            if single and ranges is None and calibration is None and precision in ("int8", "uint8"):
+                raise ValueError(f"precision={precision!r} for one text needs ranges= or calibration= (its buckets)")
+            out = quantize_embeddings(out, precision, ranges=ranges, calibration=calibration)
         if single:
             out = out[0]
         return out.cpu().numpy() if convert_to == "numpy" else out

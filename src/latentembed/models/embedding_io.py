@@ -15,6 +15,10 @@ Formats read by :func:`load_embedding_model` (a local directory, found by what i
   pooling from ``latent_attention_model.*`` (shapes read from the tensors), NV-Embed's prompt
   template and, to reproduce the checkpoint's training, its instruction mask
   (``mask_instruction="nvembed_compat"``).
+* a classic sentence-transformers directory of a supported decoder (``modules.json``; pooling,
+  prompts, instruction exclusion, attention and max length from its files:
+  :mod:`~latentembed.models.st_import`); latentembed's export writes one
+  (``save_pretrained(dir, format="sentence-transformers")``).
 * a plain HF decoder (Mistral / Llama / Qwen2, with or without ``model.`` prefix): the pooling
   must be chosen (``pooling=``); a latent-attention head is then freshly initialised.
 
@@ -49,6 +53,8 @@ from ..tokenization import TextTokenizer, as_tokenizer, check_tokenizer_fits
 from .checkpoint import CHECKPOINT_ENTRIES, CheckpointError, checkpoint_files, load_state_dict, misfit
 from .decoder_config import DecoderConfig
 from .embedding_config import EmbeddingConfig
+from .st_export import ST_FORMAT, save_sentence_transformers
+from .st_import import is_st_directory, st_embedding_settings
 
 __all__ = ["load_embedding_model", "save_embedding_model", "save_adapters", "ArgumentError", "EMBEDDING_CONFIG_NAME"]
 
@@ -141,7 +147,15 @@ def load_embedding_model(
             table=f"the embedding table of {path} (vocab_size in its config.json)",
         )
     own = path / EMBEDDING_CONFIG_NAME
-    fmt = "own" if own.is_file() else "nvembed" if _is_nvembed(path) else "plain"
+    fmt = (
+        "own"
+        if own.is_file()
+        else "nvembed"
+        if _is_nvembed(path)
+        else "sentence-transformers"
+        if is_st_directory(path)
+        else "plain"
+    )
     if latent_attention is not None and fmt != "plain":
         raise ValueError(f"latent_attention= describes a new head for a plain decoder; {path} stores its own pooling")
     target = _Target(
@@ -156,6 +170,8 @@ def load_embedding_model(
         model = _load_own(path, own, pooling=pooling, target=target)
     elif fmt == "nvembed":
         model = _load_nvembed(path, pooling=pooling, target=target)
+    elif fmt == "sentence-transformers":
+        model = _load_sentence_transformers(path, pooling=pooling, target=target)
     else:
         model = _load_plain(path, pooling=pooling, latent_attention=latent_attention, target=target)
     if adapters:
@@ -301,6 +317,28 @@ def _load_nvembed(path: Path, *, pooling: Optional[str], target: _Target) -> nn.
     return model
 
 
+def _load_sentence_transformers(path: Path, *, pooling: Optional[str], target: _Target) -> nn.Module:
+    settings = st_embedding_settings(path)
+    try:
+        config = EmbeddingConfig(**{**settings.config, **target.overrides})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} (sentence-transformers directory): {e}") from None
+    _check_pooling(pooling, config.pooling, path)
+    model = target.build(config)
+    model.backbone.checkpoint_format = load_state_dict(model.backbone, path, dtype=target.dtype, device=target.device)
+    if settings.latent_dir is not None:
+        weights = settings.latent_dir / WEIGHTS_NAME
+        block = model.pooling.latent_attention
+        expected = {k: tuple(v.shape) for k, v in block.state_dict().items() if not k.endswith(_EXTRA)}
+        with safe_open(weights, framework="pt", device="cpu") as f:
+            problems = misfit(expected, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            if problems:
+                raise CheckpointError(f"{weights} does not fit its config.json:\n" + "\n".join(problems))
+            state = {k: f.get_tensor(k).to(device=target.device, dtype=target.dtype) for k in expected}
+        block.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
 def _load_plain(path: Path, *, pooling: Optional[str], latent_attention: Optional[dict], target: _Target) -> nn.Module:
     dtype, device = target.dtype, target.device
     if pooling is None:
@@ -359,10 +397,22 @@ def _load_peft_adapters(model: nn.Module, adapters: Mapping[str, Union[str, Path
         load_peft_adapter(container, p, name)
 
 
-def save_embedding_model(model: nn.Module, path: Union[str, Path], *, save_tokenizer: bool = True) -> Path:
+def save_embedding_model(
+    model: nn.Module,
+    path: Union[str, Path],
+    *,
+    save_tokenizer: bool = True,
+    format: str = "latentembed",
+    adapter: Optional[str] = None,
+) -> Path:
     """Write ``model`` as directory ``path`` in latentembed's own format (exact round trip through
     :func:`load_embedding_model`): ``config.json``, ``latentembed.json``, ``model.safetensors``
     and the tokenizer files when the model has a tokenizer (and ``save_tokenizer``).
+
+    ``format="sentence-transformers"`` writes a classic sentence-transformers directory instead
+    (:func:`latentembed.models.st_export.save_sentence_transformers`; ``adapter`` picks the
+    adapter a multi-adapter model merges), which sentence-transformers, TEI, vLLM and MTEB read
+    and :func:`load_embedding_model` reads back.
 
     All-or-nothing: the directory is built beside ``path`` and swapped in whole, so a killed
     save leaves the old model or the new one and no file of the old one survives; a directory
@@ -375,6 +425,12 @@ def save_embedding_model(model: nn.Module, path: Union[str, Path], *, save_token
     Example:
         >>> save_embedding_model(model, "out/model")  # doctest: +SKIP
     """
+    if format == ST_FORMAT:
+        return save_sentence_transformers(model, path, adapter=adapter)
+    if format != "latentembed":
+        raise ValueError(f"format must be 'latentembed' or {ST_FORMAT!r}, got {format!r}")
+    if adapter is not None:
+        raise ValueError(f"adapter={adapter!r} applies to format={ST_FORMAT!r} only (latentembed keeps every adapter)")
     state, config = model.state_dict(), model.config
     layers = dict(multi_lora_layers(model))
     merged = [name for name, layer in layers.items() if layer.merged_adapter is not None]

@@ -98,6 +98,7 @@ HARMLESS_CHANGES = frozenset(
         "grad_cache",
         "grad_checkpointing",
         "merge_on_save",
+        "export",
     }
 )
 

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from .._cli_types import cli_flag, nonnegative_int, positive_float, positive_int
 from ..models.embedding_config import DEFAULT_LORA_TARGETS
 from ..models.embedding_io import ArgumentError
-from .config import BEST_METRICS, DEFAULT_EVAL_FRACTION, DTYPES, SCHEDULES, TrainConfig
+from .config import BEST_METRICS, DEFAULT_EVAL_FRACTION, DTYPES, EXPORT_FORMATS, SCHEDULES, TrainConfig
 from .trainer import train
 
 __all__ = ["main", "build_parser", "config_from_args"]
@@ -194,6 +194,12 @@ def _run_flags(p: argparse.ArgumentParser, d: TrainConfig) -> None:
         "--merge-on-save",
         action="store_true",
         help="fold the LoRA adapter into model/'s weights (a plain model for inference)",
+    )
+    g.add_argument(
+        "--export",
+        choices=EXPORT_FORMATS,
+        help="also write DIR/sentence-transformers: the classic layout that sentence-transformers, TEI, vLLM "
+        "and MTEB load (adapter merged; one folder per adapter for several)",
     )
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available; LOCAL_RANK under torchrun)")
     g.add_argument(

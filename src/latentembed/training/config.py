@@ -34,6 +34,7 @@ __all__ = [
     "DTYPES",
     "BEST_METRICS",
     "TRAIN_OUTPUT_ENTRIES",
+    "EXPORT_FORMATS",
     "LIVE_OUTPUT_ENTRIES",
     "OUTPUT_LEFTOVERS",
     "check_config",
@@ -59,7 +60,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 #: Metrics the best checkpoint may be chosen by (higher is better).
 BEST_METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@1")
 #: What the final save of ``--output DIR`` writes, replaced all-or-nothing at the end of a run.
-TRAIN_OUTPUT_ENTRIES = ("model", "adapters", "train_config.json", "metrics.json")
+TRAIN_OUTPUT_ENTRIES = ("model", "adapters", "sentence-transformers", "train_config.json", "metrics.json")
+#: ``--export`` formats: also write the trained model in this layout (DIR/sentence-transformers).
+EXPORT_FORMATS = ("sentence-transformers",)
 #: What a run writes into ``--output DIR`` while it runs (kept by the final save).
 LIVE_OUTPUT_ENTRIES = ("train_log.jsonl", "checkpoints", "tensorboard")
 #: What a run killed while rewriting its log may leave there (the final save removes it).
@@ -153,6 +156,7 @@ class TrainConfig:
     progress: Optional[bool] = None
     grad_checkpointing: bool = False
     merge_on_save: bool = False
+    export: Optional[str] = None
     quiet: bool = False
 
     def to_dict(self) -> dict:
@@ -305,6 +309,11 @@ def _check_run_files(cfg: TrainConfig, tiny: bool) -> None:
             ) from None
     if cfg.log_file is not None and os.path.isdir(cfg.log_file):
         raise ValueError(f"--log-file {cfg.log_file}: is a directory; expected the path of a file")
+    if cfg.export is not None and (cfg.export not in EXPORT_FORMATS or not cfg.output):
+        raise ValueError(
+            f"--export writes DIR/sentence-transformers: it takes one of {list(EXPORT_FORMATS)} and needs --output, "
+            f"got export={cfg.export!r}, output={cfg.output}"
+        )
     if cfg.merge_on_save:
         full = tiny if cfg.full is None else cfg.full
         if full or not cfg.output:

@@ -5,6 +5,10 @@ What the run wrote while it ran (:data:`~.config.LIVE_OUTPUT_ENTRIES`: ``train_l
 ``checkpoints/``, ``tensorboard/``) is kept: hard-linked into the new directory (no copy) before
 it replaces the old one.
 
+With ``--export sentence-transformers`` the model is also written as ``sentence-transformers/``
+(the classic layout: :mod:`~latentembed.models.st_export`), its adapter merged; a multi-adapter
+model gets ``sentence-transformers/<adapter>/``, one directory per adapter.
+
 With ``--merge-on-save`` the single LoRA adapter is folded into the weights of ``model/``
 (a plain model: no adapter work per call); ``adapters/`` still holds it as PEFT files. A
 multi-adapter model keeps its routing (one merged weight cannot serve several adapters).
@@ -26,6 +30,7 @@ from typing import Optional
 
 from ..atomic_io import atomic_directory
 from ..models.embedding import EmbeddingModel
+from ..models.st_export import ST_FORMAT, save_sentence_transformers_per_adapter
 from .config import LIVE_OUTPUT_ENTRIES, OUTPUT_LEFTOVERS, TRAIN_OUTPUT_ENTRIES, TrainConfig
 
 __all__ = ["save_output", "link_tree"]
@@ -68,6 +73,10 @@ def save_output(
                 link_tree(output / name, tmp / name)
         if not full and model.adapter_names:
             model.save_adapters(tmp / "adapters")
+        if cfg.export == ST_FORMAT and len(model.adapter_names) > 1:
+            save_sentence_transformers_per_adapter(model, tmp / ST_FORMAT)  # one folder per adapter
+        elif cfg.export == ST_FORMAT:
+            model.save_pretrained(tmp / ST_FORMAT, format=ST_FORMAT)
         if cfg.merge_on_save and len(model.adapter_names) == 1:
             model.merge_adapters()
         elif cfg.merge_on_save:

@@ -315,8 +315,10 @@ def _save_run(run: TrainingRun, result: dict) -> None:
         if note:
             run.say(note)
         merged = " (adapter merged into model/)" if run.model.merged else ""
+        exported = f"{cfg.export}/, " if cfg.export else ""
         run.say(
-            f"saved to {cfg.output}: model/{merged}, {'' if run.full else 'adapters/, '}train_config.json, metrics.json"
+            f"saved to {cfg.output}: model/{merged}, {'' if run.full else 'adapters/, '}{exported}"
+            "train_config.json, metrics.json"
         )
     else:
         run.say("(pass --output DIR to save the model)")
