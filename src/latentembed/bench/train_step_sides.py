@@ -6,6 +6,7 @@ positions computed); ``encode(texts)`` embeds texts."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -75,7 +76,9 @@ def _store_dropout_masks() -> None:
     lora.multi_lora_add_with_dropout = stored
 
 
-def latentembed_side(spec: dict):
+def latentembed_side(spec: dict, *, with_loss: bool = False):
+    """(step, encode) of latentembed in this process; with ``with_loss``, also ``forward_loss()``
+    -> (loss, real tokens, positions) of one forward (for scripts/step_memory_breakdown.py)."""
     from ..models.embedding import EmbeddingModel
     from ..modules.contrastive import InfoNCELoss
     from ..tokenization import pack_sequences, tokenize_with_prompts
@@ -90,6 +93,8 @@ def latentembed_side(spec: dict):
         spec["model"], pooling="mean", causal=spec["causal"], add_eos=False, device=device
     )
     model.add_adapters(["default"], rank=16, alpha=32.0, dropout=dropout, target_modules=list(LORA_TARGETS))
+    if variant == "padded":  # the decoder would otherwise unpad padded input itself
+        model.backbone.forward = functools.partial(type(model.backbone).forward, model.backbone, unpad=False)
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_" in name)
     if spec["checkpointing"]:
@@ -102,7 +107,8 @@ def latentembed_side(spec: dict):
     B = len(queries)
     model.train()
 
-    def step() -> tuple[int, int]:
+    def forward_loss() -> tuple[torch.Tensor, int, int]:
+        """(loss, real tokens, positions computed) of one forward."""
         tokenized = tokenize_with_prompts(
             model.tokenizer, texts, "", max_length=spec["max_length"], add_eos=False, mask_instruction="none"
         )
@@ -110,20 +116,24 @@ def latentembed_side(spec: dict):
         args, kwargs = model.batch_inputs(batch, packed=packed)
         emb = model(*args, **kwargs, tasks=["default"] * len(texts)).float()
         loss = loss_fn(emb[:B], emb[B : 2 * B], hard_negatives=emb[2 * B :].view(B, 1, -1))
+        return loss, batch.num_tokens, args[0].numel()
+
+    def step() -> tuple[int, int]:
+        loss, real, positions = forward_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        positions = args[0].numel()
-        return batch.num_tokens, positions
+        return real, positions
 
     def encode(texts_: list[str]) -> None:
         model.encode(texts_, batch_size=32, max_length=spec["max_length"])
 
-    return step, encode
+    return (step, encode, forward_loss) if with_loss else (step, encode)
 
 
-def st_peft_side(spec: dict):
+def st_peft_side(spec: dict, *, with_loss: bool = False):
+    """(step, encode) of sentence-transformers + PEFT; ``with_loss`` as in :func:`latentembed_side`."""
     from peft import LoraConfig, get_peft_model
     from sentence_transformers import SentenceTransformer, losses, models
 
@@ -153,23 +163,26 @@ def st_peft_side(spec: dict):
     queries, positives, negatives = workload(spec["batch"])
     st.train()
 
-    def step() -> tuple[int, int]:
+    def forward_loss() -> tuple[torch.Tensor, int, int]:
         features = [
             {k: v.to(device) for k, v in st.tokenize(t).items() if isinstance(v, torch.Tensor)}
             for t in (queries, positives, negatives)
         ]
-        loss = loss_fn(features, None)
+        real = sum(int(f["attention_mask"].sum()) for f in features)
+        return loss_fn(features, None), real, sum(f["input_ids"].numel() for f in features)
+
+    def step() -> tuple[int, int]:
+        loss, real, positions = forward_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        real = sum(int(f["attention_mask"].sum()) for f in features)
-        return real, sum(f["input_ids"].numel() for f in features)
+        return real, positions
 
     def encode(texts_: list[str]) -> None:
         st.encode(texts_, batch_size=32, convert_to_tensor=True)
 
-    return step, encode
+    return (step, encode, forward_loss) if with_loss else (step, encode)
 
 
 # -- a tiny model for runs without --model --------------------------------------------------------
