@@ -171,6 +171,12 @@ def _optimisation_flags(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--max-grad-norm", type=positive_float, default=d.max_grad_norm, help="gradient clipping")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute layers in the backward")
+    g.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard parameters, gradients and optimizer state across the ranks (FSDP2) "
+        "instead of replicating them (DDP); checkpoints are sharded (torch.distributed.checkpoint)",
+    )
     g.add_argument("--seed", type=int, default=d.seed)
 
 

@@ -96,7 +96,9 @@ class TrainConfig:
     ``eval_group_key`` groups at a time when given; before and after training and every
     ``eval_every`` steps. Checkpoints: every ``save_every`` steps into ``output/checkpoints``,
     the newest ``keep_last`` kept (and the best by ``best_metric`` with ``keep_best``);
-    ``resume``: a checkpoint directory or ``"latest"``.
+    ``resume``: a checkpoint directory or ``"latest"``. ``fsdp``: under ``torchrun``, shard
+    the parameters, gradients and optimizer state across the ranks (FSDP2; checkpoints become
+    sharded DCP directories) instead of replicating them (DDP).
     """
 
     data: Optional[str] = None
@@ -152,6 +154,7 @@ class TrainConfig:
     report_to: Sequence[str] = ()
     progress: Optional[bool] = None
     grad_checkpointing: bool = False
+    fsdp: bool = False
     merge_on_save: bool = False
     quiet: bool = False
 

@@ -22,6 +22,7 @@ import torch
 from ..modules.grad_cache import grad_cache_step
 from ..tokenization import pack_sequences, tokenize_with_prompts
 from .data import TrainingExample
+from .fsdp import clip_grad_norm
 from .plan import row_prompt
 from .state import Stage, TrainingRun
 
@@ -150,7 +151,9 @@ class _ChunkEncoder:
 
     def __init__(self, run: TrainingRun, texts: BatchTexts) -> None:
         self.run, self.texts, self.tokens = run, texts, 0
-        if run.dist.on:
+        # Sharded (FSDP), every chunk's backward reduce-scatters its gradients: skipping that
+        # would hold whole unsharded gradients on every rank, the memory FSDP exists to save.
+        if run.dist.on and not run.sharded:
             self.no_sync = run.module.no_sync
 
     def __call__(self, index: torch.Tensor) -> torch.Tensor:
@@ -208,7 +211,8 @@ def train_step(run: TrainingRun, stage: Stage, batches: Sequence[Sequence[Traini
     stage.optimizer.zero_grad(set_to_none=True)
     losses, tokens = [], 0
     for i, batch in enumerate(batches):
-        sync = run.module.no_sync() if run.dist.on and i < n - 1 else nullcontext()
+        # DDP all-reduces on the last batch only; FSDP reduce-scatters each (see _ChunkEncoder)
+        sync = run.module.no_sync() if run.dist.on and not run.sharded and i < n - 1 else nullcontext()
         with sync:
             if run.cfg.grad_cache is not None:
                 loss, t = grad_cache_backward(run, stage, batch, weight)
@@ -222,7 +226,10 @@ def train_step(run: TrainingRun, stage: Stage, batches: Sequence[Sequence[Traini
     if run.temperature is not None and run.dist.on and run.temperature.grad is not None:
         run.dist.mean(run.temperature.grad)  # not a DDP parameter: average it as DDP does the rest
     run.scaler.unscale_(stage.optimizer)
-    torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
+    if run.sharded:  # DTensor gradients: the norm needs the other ranks' shards
+        clip_grad_norm(run.params, run.cfg.max_grad_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
     lr = stage.optimizer.param_groups[0]["lr"]
     scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
     run.scaler.step(stage.optimizer)

@@ -45,6 +45,7 @@ from ..models.embedding import EmbeddingModel
 from .checkpoint import CHECKPOINTS_DIR, Checkpointer, find_checkpoint, load_checkpoint, restore_rng
 from .config import TrainConfig, autocast_for, check_config, resolve_device
 from .distributed import DistContext, wrap_data_parallel
+from .fsdp import full_state_dict, make_mesh, shard_model, unsharded_copy
 from .held_out import evaluate_eval_set, evaluate_held_out, format_eval
 from .logs import LOG_NAME, Progress, RunLog, StepMemory
 from .loop import record_evaluation, run_stages
@@ -225,7 +226,15 @@ def _build_run(
     dtype, autocast = autocast_for(cfg, device)
     # A layer's adapters are one stacked parameter, so one adapter trains them all; only a
     # batch whose rows all run the base weights (multi-adapter models) leaves them unused.
-    module = wrap_data_parallel(model, device, dist, find_unused_parameters=not full and len(model.adapter_names) > 1)
+    if cfg.fsdp and dist.on:
+        # Sharded after the trainable flags are set and before the optimizer exists: the
+        # optimizer must hold the sharded (DTensor) parameters.
+        module = shard_model(model, mesh=make_mesh(device, world=dist.world), param_dtype=dtype)
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        module = wrap_data_parallel(
+            model, device, dist, find_unused_parameters=not full and len(model.adapter_names) > 1
+        )
     temperature = None
     if cfg.learnable_temperature:
         temperature = torch.nn.Parameter(torch.tensor(1.0 / cfg.temperature, device=device).log())
@@ -259,7 +268,9 @@ def _build_run(
         temperature=temperature,
         checkpoints=checkpoints,
     )
-    if cfg.eval and rank0 and (data.held_out or data.eval_set is not None):
+    # Sharded, every rank runs the evaluation's forwards (each gathers weights from all ranks);
+    # rank 0 keeps the result.
+    if cfg.eval and (rank0 or run.sharded) and (data.held_out or data.eval_set is not None):
         run.evaluate = lambda: _evaluate(run, data)
     return run
 
@@ -305,16 +316,21 @@ def _compare_evals(b: dict, a: dict) -> str:
 
 
 def _save_run(run: TrainingRun, result: dict) -> None:
-    """Rank 0 saves the run to ``--output`` (or says how to)."""
+    """Rank 0 saves the run to ``--output`` (or says how to); sharded, every rank first sends
+    it its shards and rank 0 saves a plain copy of the whole model."""
     cfg = run.cfg
+    model = run.model
+    if run.sharded and cfg.output:
+        state = full_state_dict(model)  # collective
+        model = unsharded_copy(model, state) if run.dist.rank == 0 else model
     if run.dist.rank != 0:
         return
     if cfg.output:
         resolved = run.identity["resolved"]
-        note = save_output(run.model, cfg, result, run.full, config=resolved)
+        note = save_output(model, cfg, result, run.full, config=resolved)
         if note:
             run.say(note)
-        merged = " (adapter merged into model/)" if run.model.merged else ""
+        merged = " (adapter merged into model/)" if model.merged else ""
         run.say(
             f"saved to {cfg.output}: model/{merged}, {'' if run.full else 'adapters/, '}train_config.json, metrics.json"
         )
