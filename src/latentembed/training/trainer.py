@@ -62,6 +62,7 @@ from .resume import (
     resolve_before_model,
     resolve_with_model,
 )
+from .sharded_checkpoint import load_sharded
 from .state import LoopState, TrainingRun
 
 __all__ = ["TrainConfig", "train"]
@@ -111,7 +112,7 @@ def _run(
     fingerprints = data_fingerprints(cfg)
     saved = None
     if checkpoint is not None:
-        saved = check_resume_before_model(checkpoint, resolved, fingerprints, dist.world, say)
+        saved = check_resume_before_model(checkpoint, resolved, fingerprints, dist.world, say, sharded=cfg.fsdp)
     # The tiny model's and the adapters' initial weights draw from this stream (and LoRA
     # dropout, until a resumed run puts back the checkpoint's generators).
     torch.manual_seed(cfg.seed)
@@ -129,7 +130,11 @@ def _run(
         check_resume_with_model(checkpoint, saved, resolved, fingerprints["frozen"])
     total = sum(s.steps for s in stages)
     run = _build_run(cfg, model, device, dist, say, resolved, data, total)  # 4. device, DDP, logs
-    run.identity = {**checkpoint_identity(cfg, resolved, fingerprints, dist.world), "total_steps": total}
+    run.identity = {
+        **checkpoint_identity(cfg, resolved, fingerprints, dist.world),
+        "total_steps": total,
+        "adapters": list(model.adapter_names),  # what exporting a sharded checkpoint rebuilds
+    }
     result: dict = {
         "loss_history": [],
         "stages": [],
@@ -157,8 +162,10 @@ def _run(
         result["eval_before"] = run.evaluate()
         record_evaluation(run, state, result, result["eval_before"], stage=1)
         run.say("eval before: " + format_eval(result["eval_before"]))
-    if checkpoint is not None:
+    if checkpoint is not None and run.resume.rng is not None:
         restore_rng(run.resume.rng)  # last: every draw from here on is the one the killed run made
+    elif checkpoint is not None:  # a rank the sharded checkpoint's run did not have: its own stream
+        torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 1_009 + dist.rank)
     try:
         run_stages(run, stages, state, result)
         model.eval()
@@ -186,21 +193,34 @@ def _resume(run: TrainingRun, checkpoint: Path, result: dict) -> LoopState:
     """Put the checkpoint's trained weights into the model, keep its optimizer state for its
     stage and its generators for the loop, and continue its history; returns its position."""
     resume = load_checkpoint(checkpoint, run.dist.rank, run.device)
+    if resume.sharded != run.sharded:
+        raise ValueError(
+            f"checkpoint {checkpoint} is {'sharded (FSDP)' if resume.sharded else 'unsharded'}; this run is "
+            f"{'sharded (--fsdp with several ranks)' if run.sharded else 'not'}: resume it as it was written"
+        )
+    if resume.sharded:  # every rank reads its shards, resharded to this run's ranks
+        load_sharded(checkpoint, run.model, run.temperature, trainable_only=not run.full)
+    else:
+        _copy_weights(run, checkpoint, resume.weights)
+    run.resume = resume
+    saved = resume.state["result"]
+    result.update({k: v for k, v in saved.items() if k not in ("trainable_params", "total_params")})
+    result["resumed_from"] = str(checkpoint)
+    return LoopState(**resume.state["loop"])
+
+
+def _copy_weights(run: TrainingRun, checkpoint: Path, weights: dict) -> None:
+    """Put an unsharded checkpoint's trained tensors into the model."""
     trained = run.trained_tensors()
-    missing = sorted(set(trained) - set(resume.weights))
-    unexpected = sorted(set(resume.weights) - set(trained))
+    missing = sorted(set(trained) - set(weights))
+    unexpected = sorted(set(weights) - set(trained))
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {checkpoint} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     with torch.no_grad():
         for name, tensor in trained.items():
-            tensor.copy_(resume.weights[name])
-    run.resume = resume
-    saved = resume.state["result"]
-    result.update({k: v for k, v in saved.items() if k not in ("trainable_params", "total_params")})
-    result["resumed_from"] = str(checkpoint)
-    return LoopState(**resume.state["loop"])
+            tensor.copy_(weights[name])
 
 
 def _build_run(
