@@ -25,6 +25,7 @@ from torch import nn
 from ..modules.adapter_routing import LoRARouting, lora_routing
 from ..modules.attention import packed_runs_lean
 from ..modules.lora import apply_multi_lora, multi_lora_layers
+from ..modules.matryoshka import embedding_prefix
 from ..modules.pooling import Pooling
 from ..modules.pooling_functions import check_pool_mask, l2_normalize
 from ..ops import checks
@@ -376,6 +377,7 @@ class EmbeddingModel(nn.Module):
         normalize: Optional[bool] = None,
         show_progress: Optional[bool] = None,
         convert_to: str = "torch",
+        dim: Optional[int] = None,
     ):
         """Embed ``texts``, returned in input order.
 
@@ -393,6 +395,8 @@ class EmbeddingModel(nn.Module):
             show_progress: a progress line on stderr; ``None``: when there are more than
                 ``8 * batch_size`` texts and stderr is a terminal.
             convert_to: ``"torch"`` (float32 on the model's device) or ``"numpy"`` (float32).
+            dim: keep the first ``dim`` dimensions ([N, dim]), renormalised when normalising (a
+                model trained with ``--matryoshka`` including ``dim``); ``None``: all.
 
         Threads: concurrent calls on one model are correct and run one at a time; each runs
         the module in eval mode and puts back the mode it found. Plain forwards (``model(...,
@@ -403,6 +407,9 @@ class EmbeddingModel(nn.Module):
             raise ValueError(f"convert_to must be 'torch' or 'numpy', got {convert_to!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        width = self.backbone.config.hidden_size
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= width):
+            raise ValueError(f"dim must be an int in [1, {width}] (the embedding dimension), got {dim!r}")
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         # encode switches the module to eval mode and back: shared state, so concurrent calls
@@ -417,6 +424,9 @@ class EmbeddingModel(nn.Module):
                 normalize=normalize,
                 show_progress=show_progress,
             )
+        if dim is not None and dim < width:
+            normalized = self.config.normalize if normalize is None else normalize
+            out = embedding_prefix(out, dim, normalize=normalized)
         if single:
             out = out[0]
         return out.cpu().numpy() if convert_to == "numpy" else out

@@ -20,6 +20,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from ..modules.grad_cache import grad_cache_step
+from ..modules.matryoshka import matryoshka_loss
 from ..tokenization import pack_sequences, tokenize_with_prompts
 from .data import TrainingExample
 from .fsdp import clip_grad_norm
@@ -127,12 +128,25 @@ def batch_texts(run: TrainingRun, stage: Stage, batch: Sequence[TrainingExample]
     )
 
 
-def texts_loss(stage: Stage, texts: BatchTexts, q: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+def texts_loss(run: TrainingRun, stage: Stage, texts: BatchTexts, q: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
     """The InfoNCE loss [] of queries ``q`` [B, D] against ``docs`` [B + B k, D] (the positives,
-    then the hard negatives row by row)."""
+    then the hard negatives row by row); with ``--matryoshka``, the weighted sum of the losses
+    of the renormalised prefixes."""
     B, k = texts.rows, texts.k
     hard = docs[B:].view(B, k, -1) if k > 0 else None
-    return stage.loss_fn(q.float(), docs[:B].float(), hard_negatives=hard, doc_ids=texts.doc_ids)
+    q, pos = q.float(), docs[:B].float()
+    if run.cfg.matryoshka:
+        return matryoshka_loss(
+            stage.loss_fn,
+            q,
+            pos,
+            dims=tuple(run.cfg.matryoshka),
+            weights=tuple(run.cfg.matryoshka_weights),
+            normalize=run.model.config.normalize,
+            hard_negatives=hard,
+            doc_ids=texts.doc_ids,
+        )
+    return stage.loss_fn(q, pos, hard_negatives=hard, doc_ids=texts.doc_ids)
 
 
 def batch_loss(run: TrainingRun, stage: Stage, batch: Sequence[TrainingExample]) -> tuple[torch.Tensor, int]:
@@ -141,7 +155,7 @@ def batch_loss(run: TrainingRun, stage: Stage, batch: Sequence[TrainingExample])
     texts = batch_texts(run, stage, batch)
     emb, tokens = embed_texts(run, texts.texts, texts.prefixes, texts.adapters)
     emb = emb.float()
-    return texts_loss(stage, texts, emb[: texts.rows], emb[texts.rows :]), tokens
+    return texts_loss(run, stage, texts, emb[: texts.rows], emb[texts.rows :]), tokens
 
 
 class _ChunkEncoder:
@@ -180,7 +194,7 @@ def grad_cache_backward(
 
     def loss_fn(q: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
         with run.autocast():
-            loss = texts_loss(stage, texts, q, docs)
+            loss = texts_loss(run, stage, texts, q, docs)
         losses.append(loss.detach())
         scaled = run.scaler.scale(loss)
         return scaled * weight if weight != 1 else scaled

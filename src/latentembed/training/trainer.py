@@ -42,6 +42,7 @@ from typing import Callable, Optional
 import torch
 
 from ..models.embedding import EmbeddingModel
+from ..modules.matryoshka import check_matryoshka
 from .checkpoint import CHECKPOINTS_DIR, Checkpointer, find_checkpoint, load_checkpoint, restore_rng
 from .config import TrainConfig, autocast_for, check_config, resolve_device
 from .distributed import DistContext, wrap_data_parallel
@@ -124,6 +125,11 @@ def _run(
     if model is None:
         model = build_tiny_model(cfg, data, template, dist)
     set_trainable(model, cfg, full=resolved.full, template=template, data=data)
+    if cfg.matryoshka:
+        try:
+            check_matryoshka(tuple(cfg.matryoshka), tuple(cfg.matryoshka_weights), model.backbone.config.hidden_size)
+        except ValueError as e:
+            raise ValueError(f"--matryoshka {list(cfg.matryoshka)}: {e}") from None
     resolved = resolve_with_model(resolved, model, template, cfg)
     fingerprints["frozen"] = frozen_fingerprint(model)
     if saved is not None:
