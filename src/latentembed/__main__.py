@@ -1,4 +1,4 @@
-"""Command line: `python -m latentembed info|bench|train|eval` (`train -h` / `eval -h` for theirs)."""
+"""Command line: `python -m latentembed info|bench|train|eval|mine` (`train -h`, `eval -h`, `mine -h` for theirs)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .evaluation.cli import main as eval_main
 
         return eval_main(argv[1:])
+    if argv and argv[0] == "mine":
+        from .training.mine_cli import main as mine_main
+
+        return mine_main(argv[1:])
     parser = argparse.ArgumentParser(prog="latentembed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="fine-tune an embedding model with LoRA and the InfoNCE loss (train -h)")
     sub.add_parser("eval", help="nDCG@10, MRR@10 and recall@k on a BEIR-style JSONL set (eval -h)")
+    sub.add_parser("mine", help="hard negatives for training rows, mined with a model (mine -h)")
     sub.add_parser("info", help="versions, GPU, CUDA extension and the backend each op would use")
     bench = sub.add_parser("bench", help="benchmark the ops on the current device")
     bench.add_argument(
