@@ -378,6 +378,7 @@ class EmbeddingModel(nn.Module):
         show_progress: Optional[bool] = None,
         convert_to: str = "torch",
         dim: Optional[int] = None,
+        devices: Optional[Sequence[str]] = None,
     ):
         """Embed ``texts``, returned in input order.
 
@@ -397,6 +398,10 @@ class EmbeddingModel(nn.Module):
             convert_to: ``"torch"`` (float32 on the model's device) or ``"numpy"`` (float32).
             dim: keep the first ``dim`` dimensions ([N, dim]), renormalised when normalising (a
                 model trained with ``--matryoshka`` including ``dim``); ``None``: all.
+            devices: encode with one worker process per device (e.g. ``["cuda:0", "cuda:1"]``,
+                ``["cpu", "cpu"]``; started for this call: keep an
+                :class:`~latentembed.models.encode_pool.EncodePool` open to reuse them); the
+                result is on the CPU, in input order, equal to one process's.
 
         Threads: concurrent calls on one model are correct and run one at a time; each runs
         the module in eval mode and puts back the mode it found. Plain forwards (``model(...,
@@ -412,6 +417,14 @@ class EmbeddingModel(nn.Module):
             raise ValueError(f"dim must be an int in [1, {width}] (the embedding dimension), got {dim!r}")
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
+        if devices is not None:
+            from .encode_pool import EncodePool
+
+            kwargs = dict(task=task, instruction=instruction, batch_size=batch_size, max_length=max_length)
+            with EncodePool(self, devices) as pool:
+                out = pool.encode(texts, normalize=normalize, dim=dim, show_progress=False, **kwargs)
+            out = out[0] if single else out
+            return out.numpy() if convert_to == "numpy" else out
         # encode switches the module to eval mode and back: shared state, so concurrent calls
         # on one model take turns (the LoRA routing is per thread already, see adapter_routing).
         with _encode_lock(self):
