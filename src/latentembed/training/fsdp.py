@@ -2,8 +2,8 @@
 optimizer state split across the ranks with FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 Each decoder layer is one FSDP unit (its weights are gathered just before it runs and freed
-after), the embeddings, final norm and pooling head (a latent-attention block included) form
-the root unit. Mixed precision: parameters are gathered in the autocast dtype (bf16 on CUDA)
+after), so is a pooling head with weights (the latent-attention block); the embeddings and the
+final norm form the root unit. Mixed precision: parameters are gathered in the autocast dtype (bf16 on CUDA)
 and gradients reduced in float32; on CPU everything stays float32. What the rest of the trainer
 sees is the same module with DTensor parameters: the same forward (multi-LoRA routing,
 gradient checkpointing, GradCache, the loss's cross-rank gather), ``optimizer.step`` on the
@@ -35,16 +35,21 @@ def make_mesh(device: torch.device, *, world: int):
 
 
 def shard_model(model: EmbeddingModel, *, mesh, param_dtype: Optional[torch.dtype]) -> EmbeddingModel:
-    """Shard ``model`` in place: every decoder layer its own unit, the rest (embeddings, final
-    norm, pooling head) the root. ``param_dtype``: the dtype the weights are gathered in for
-    compute (None: their own, float32); gradients are always reduced in float32 (a bf16
-    reduction over many ranks loses the small gradients of a contrastive loss). Returns
+    """Shard ``model`` in place: every decoder layer its own unit, the pooling head (when it has
+    weights) another, the rest (embeddings, final norm) the root. ``param_dtype``: the dtype
+    the weights are gathered in for compute (None: their own, float32); gradients are always
+    reduced in float32 (a bf16 reduction over many ranks loses the small gradients of a
+    contrastive loss). Returns
     ``model`` (now an FSDP module: call its forward as before)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in model.backbone.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
+    if any(True for _ in model.pooling.parameters()):
+        # NV-Embed's latent block is 0.74 B parameters: its own unit, so it is gathered only
+        # while it runs (in the root it would stay whole through the backbone's forward).
+        fully_shard(model.pooling, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 

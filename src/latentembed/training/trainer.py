@@ -288,7 +288,7 @@ def _build_run(
         full=full,
         amp_dtype=dtype,
         autocast=autocast,
-        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        scaler=_loss_scaler(device, enabled=dtype == torch.float16, sharded=cfg.fsdp and dist.on),
         log=log,
         memory=StepMemory(device),
         temperature=temperature,
@@ -299,6 +299,16 @@ def _build_run(
     if cfg.eval and (rank0 or run.sharded) and (data.held_out or data.eval_set is not None):
         run.evaluate = lambda: _evaluate(run, data)
     return run
+
+
+def _loss_scaler(device: torch.device, *, enabled: bool, sharded: bool) -> torch.amp.GradScaler:
+    """The fp16 loss scaler; sharded, one whose overflow check is all-reduced over the ranks
+    (each rank sees only its shards' gradients: ranks deciding apart would diverge)."""
+    if sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type, enabled=enabled)
+    return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
 def _describe(run: TrainingRun, data: RunData, result: dict, *, tiny: bool, lr: float) -> str:
