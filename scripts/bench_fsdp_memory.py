@@ -109,6 +109,11 @@ def run_config(world: int, fsdp: bool, sizes: dict, steps: int) -> dict:
 
 
 def main() -> int:
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        # glibc keeps freed large blocks in its heap once its mmap threshold has grown, so the
+        # resident set would still count the whole model each rank built before sharding it:
+        # a fixed threshold returns every large tensor's memory on free, and RSS tracks what lives.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     p.add_argument("--steps", type=int, default=4)
@@ -130,7 +135,8 @@ def main() -> int:
             rows.append(row)
             print(
                 f"world {world} {row['engine']:5s}: {row['params'] / 1e6:.1f} M params, local "
-                f"{max(row['local_params_per_rank']) / 1e6:.1f} M/rank, peak RSS per rank "
+                f"{max(row['local_params_per_rank']) / 1e6:.1f} M/rank (16 B each: "
+                f"{16 * max(row['local_params_per_rank']) / 2**20:,.0f} MiB of weights, gradients, AdamW), peak RSS per rank "
                 f"{', '.join(f'{m:,.0f}' for m in row['peak_rss_mib_per_rank'])} MiB, "
                 f"step {row['step_s_median']:.2f} s (median of {len(row['step_s'])})",
                 flush=True,
