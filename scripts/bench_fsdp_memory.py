@@ -136,7 +136,8 @@ def main() -> int:
             print(
                 f"world {world} {row['engine']:5s}: {row['params'] / 1e6:.1f} M params, local "
                 f"{max(row['local_params_per_rank']) / 1e6:.1f} M/rank (16 B each: "
-                f"{16 * max(row['local_params_per_rank']) / 2**20:,.0f} MiB of weights, gradients, AdamW), peak RSS per rank "
+                f"{16 * max(row['local_params_per_rank']) / 2**20:,.0f} MiB of weights, gradients, AdamW), "
+                "peak RSS per rank "
                 f"{', '.join(f'{m:,.0f}' for m in row['peak_rss_mib_per_rank'])} MiB, "
                 f"step {row['step_s_median']:.2f} s (median of {len(row['step_s'])})",
                 flush=True,

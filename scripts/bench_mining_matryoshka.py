@@ -44,7 +44,8 @@ def _per_dim(model, eval_set, dims, max_length: int) -> dict:
     table.update(zip(queries, model.encode(queries, task="retrieval", batch_size=16, max_length=max_length)))
     out = {}
     for dim in dims:
-        scores = evaluate_retrieval(_Cached(table, dim), eval_set.corpus, eval_set.queries, eval_set.qrels, k_values=(10,))
+        encoder = _Cached(table, dim)
+        scores = evaluate_retrieval(encoder, eval_set.corpus, eval_set.queries, eval_set.qrels, k_values=(10,))
         out[dim] = round(scores["ndcg@10"], 4)
     return out
 
