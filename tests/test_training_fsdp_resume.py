@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from latentembed.__main__ import main as cli_main
 from latentembed.models.embedding import EmbeddingModel
 from latentembed.training.checkpoint import list_checkpoints
 from latentembed.training.logs import read_log
@@ -106,8 +107,10 @@ def test_fsdp_checkpoints_resume_exactly_reshard_and_export(tmp_path):
             assert (update - update_ref).norm() <= 5e-3 * update_ref.norm() + 1e-7, (out.name, name, seed)
 
     # The last checkpoint exported in one process equals the run's own saved model.
-    exported = export_checkpoint(kept[-1][1], tmp_path / "exported")
-    model = EmbeddingModel.from_pretrained(exported)
+    assert cli_main(["export", str(kept[-1][1]), str(tmp_path / "exported")]) == 0
+    model = EmbeddingModel.from_pretrained(tmp_path / "exported")
     for name, tensor in model.state_dict().items():
         if name in want:
             assert torch.equal(tensor, want[name]), name
+    with pytest.raises(ValueError, match="not written by a train --fsdp run"):
+        export_checkpoint(tmp_path / "init", tmp_path / "nowhere")
