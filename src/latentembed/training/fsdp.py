@@ -101,8 +101,10 @@ def full_state_dict(model: nn.Module, *, trainable_only: bool = False) -> dict:
 def unsharded_copy(model: EmbeddingModel, state: dict) -> EmbeddingModel:
     """A plain (unsharded, CPU) model of the same architecture, adapters and tokenizer as the
     sharded ``model``, holding ``state`` (:func:`full_state_dict` on rank 0): what
-    ``save_pretrained`` and the evaluation of rank 0 run on. Built on the meta device, so only
+    ``save_pretrained`` runs on at the end of a sharded run. Built on the meta device, so only
     ``state``'s tensors take memory."""
+    if model.merged:  # a merged model's config no longer describes its weights
+        raise ValueError("unsharded_copy: the sharded model has merged adapters; merge the copy instead")
     with torch.device("meta"):
         plain = EmbeddingModel(
             model.backbone.config, model.config, tokenizer=None, attn_backend=model.backbone.attn_backend
@@ -117,6 +119,4 @@ def unsharded_copy(model: EmbeddingModel, state: dict) -> EmbeddingModel:
     plain.backbone.reset_buffers(torch.device("cpu"))
     plain.tokenizer = model.tokenizer
     plain.template = model.template
-    if model.merged:
-        raise ValueError("unsharded_copy: merge the adapters after copying, not before sharding")
     return plain
