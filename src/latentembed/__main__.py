@@ -1,5 +1,5 @@
-"""Command line: `python -m latentembed info|bench|train|eval|convert` (`train -h`, `eval -h`, `convert -h`
-for theirs)."""
+"""Command line: `python -m latentembed info|bench|train|eval|convert|mine|export` (`train -h`, `eval -h`,
+`convert -h`, `mine -h` for theirs)."""
 
 from __future__ import annotations
 
@@ -23,11 +23,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .models.convert import main as convert_main
 
         return convert_main(argv[1:])
+    if argv and argv[0] == "mine":
+        from .training.mine_cli import main as mine_main
+
+        return mine_main(argv[1:])
     parser = argparse.ArgumentParser(prog="latentembed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="fine-tune an embedding model with LoRA and the InfoNCE loss (train -h)")
     sub.add_parser("eval", help="nDCG@10, MRR@10 and recall@k on a BEIR-style JSONL set (eval -h)")
     sub.add_parser("convert", help="write a model as a sentence-transformers directory (TEI, vLLM, MTEB) (convert -h)")
+    sub.add_parser("mine", help="hard negatives for training rows, mined with a model (mine -h)")
+    export = sub.add_parser(
+        "export", help="a sharded (train --fsdp) checkpoint as one save_pretrained directory, in one process"
+    )
+    export.add_argument("checkpoint", help="a DIR/checkpoints/step-N directory written by train --fsdp")
+    export.add_argument("output", help="the model directory to write (EmbeddingModel.from_pretrained reads it)")
     sub.add_parser("info", help="versions, GPU, CUDA extension and the backend each op would use")
     bench = sub.add_parser("bench", help="benchmark the ops on the current device")
     bench.add_argument(
@@ -42,6 +52,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    if args.command == "export":
+        from .training.sharded_checkpoint import export_checkpoint
+
+        try:
+            print(f"exported {args.checkpoint} -> {export_checkpoint(args.checkpoint, args.output)}")
+        except (ValueError, FileNotFoundError) as e:
+            print(f"latentembed export: error: {e}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "info":
         from ._info import info
 

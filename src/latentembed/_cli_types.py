@@ -24,6 +24,18 @@ nonnegative_int = _number(int, lambda v: v >= 0, "an int >= 0")
 positive_float = _number(float, lambda v: v > 0, "a positive number")
 
 
+def comma_list(convert: Callable, what: str) -> Callable[[str], tuple]:
+    """A converter of ``"64,128,256"`` into a tuple of ``convert``-ed items."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(convert(item) for item in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+    return parse
+
+
 def cli_flag(argument: str) -> str:
     """The command-line flag of a Python argument: ``"max_length"`` -> ``"--max-length"``."""
     return "--" + argument.replace("_", "-")

@@ -25,6 +25,7 @@ from torch import nn
 from ..modules.adapter_routing import LoRARouting, lora_routing
 from ..modules.attention import packed_runs_lean
 from ..modules.lora import apply_multi_lora, multi_lora_layers
+from ..modules.matryoshka import embedding_prefix
 from ..modules.pooling import Pooling
 from ..modules.pooling_functions import check_pool_mask, l2_normalize
 from ..modules.quantization import PRECISIONS, quantize_embeddings
@@ -377,6 +378,8 @@ class EmbeddingModel(nn.Module):
         normalize: Optional[bool] = None,
         show_progress: Optional[bool] = None,
         convert_to: str = "torch",
+        dim: Optional[int] = None,
+        devices: Optional[Sequence[str]] = None,
         precision: str = "float32",
         ranges: Optional[torch.Tensor] = None,
         calibration: Optional[torch.Tensor] = None,
@@ -396,7 +399,14 @@ class EmbeddingModel(nn.Module):
             normalize: L2-normalise; ``None``: ``config.normalize``.
             show_progress: a progress line on stderr; ``None``: when there are more than
                 ``8 * batch_size`` texts and stderr is a terminal.
-            convert_to: ``"torch"`` (on the model's device) or ``"numpy"``.
+            convert_to: ``"torch"`` (on the model's device; on the CPU with ``devices``) or
+                ``"numpy"``.
+            dim: keep the first ``dim`` dimensions ([N, dim]), renormalised when normalising (a
+                model trained with ``--matryoshka`` including ``dim``); ``None``: all.
+            devices: encode with one worker process per device (e.g. ``["cuda:0", "cuda:1"]``,
+                ``["cpu", "cpu"]``; started for this call: keep an
+                :class:`~latentembed.models.encode_pool.EncodePool` open to reuse them); the
+                result is on the CPU, in input order, equal to one process's.
             precision: ``"float32"``, or quantised codes as sentence-transformers' ``encode``
                 gives them: ``"int8"`` / ``"uint8"`` [N, D] (per-dimension buckets from
                 ``ranges`` [2, D] or from ``calibration`` embeddings [M, D]; without either,
@@ -413,27 +423,40 @@ class EmbeddingModel(nn.Module):
             raise ValueError(f"convert_to must be 'torch' or 'numpy', got {convert_to!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        width = self.backbone.config.hidden_size
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= width):
+            raise ValueError(f"dim must be an int in [1, {width}] (the embedding dimension), got {dim!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if (ranges is not None or calibration is not None) and precision not in ("int8", "uint8"):
             raise ValueError(f"ranges= / calibration= set the int8 / uint8 buckets; precision is {precision!r}")
         single = isinstance(texts, str)
+        if single and ranges is None and calibration is None and precision in ("int8", "uint8"):
+            raise ValueError(f"precision={precision!r} for one text needs ranges= or calibration= (its buckets)")
         texts = [texts] if single else list(texts)
-        # encode switches the module to eval mode and back: shared state, so concurrent calls
-        # on one model take turns (the LoRA routing is per thread already, see adapter_routing).
-        with _encode_lock(self):
-            out = self._encode(
-                texts,
-                task=task,
-                instruction=instruction,
-                batch_size=batch_size,
-                max_length=max_length,
-                normalize=normalize,
-                show_progress=show_progress,
-            )
+        if devices is not None:
+            from .encode_pool import EncodePool
+
+            kwargs = dict(task=task, instruction=instruction, batch_size=batch_size, max_length=max_length)
+            with EncodePool(self, devices) as pool:  # the workers take the prefix (dim) themselves
+                out = pool.encode(texts, normalize=normalize, dim=dim, show_progress=False, **kwargs)
+        else:
+            # encode switches the module to eval mode and back: shared state, so concurrent calls
+            # on one model take turns (the LoRA routing is per thread already, see adapter_routing).
+            with _encode_lock(self):
+                out = self._encode(
+                    texts,
+                    task=task,
+                    instruction=instruction,
+                    batch_size=batch_size,
+                    max_length=max_length,
+                    normalize=normalize,
+                    show_progress=show_progress,
+                )
+            if dim is not None and dim < width:
+                normalized = self.config.normalize if normalize is None else normalize
+                out = embedding_prefix(out, dim, normalize=normalized)
         if precision != "float32":
-            if single and ranges is None and calibration is None and precision in ("int8", "uint8"):
-                raise ValueError(f"precision={precision!r} for one text needs ranges= or calibration= (its buckets)")
             out = quantize_embeddings(out, precision, ranges=ranges, calibration=calibration)
         if single:
             out = out[0]

@@ -50,6 +50,9 @@ from .distributed import DistContext
 __all__ = [
     "CHECKPOINTS_DIR",
     "STATE_NAME",
+    "SHARDED_DIR",
+    "SCHEDULE_NAME",
+    "SHARDED_ENTRIES",
     "HARMLESS_CHANGES",
     "checkpoint_name",
     "list_checkpoints",
@@ -69,8 +72,13 @@ STATE_NAME = "trainer_state.json"
 WEIGHTS_NAME = "weights.safetensors"
 OPTIMIZER_NAME = "optimizer.pt"
 RNG_NAME = "rng.pt"
+#: A sharded (FSDP) checkpoint: DCP's directory of every rank's shards of the trained weights
+#: and optimizer state, and the schedule and loss scale (the same on every rank) beside it.
+SHARDED_DIR = "sharded"
+SCHEDULE_NAME = "schedule.pt"
 FORMAT, VERSION = "latentembed-train-checkpoint", 1
 CHECKPOINT_ENTRIES = (STATE_NAME, WEIGHTS_NAME, OPTIMIZER_NAME, RNG_NAME)
+SHARDED_ENTRIES = (STATE_NAME, SCHEDULE_NAME, SHARDED_DIR, RNG_NAME)
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 #: Settings a resumed run may change: its length, what it logs and saves, where it runs, and
 #: how a batch is computed when that gives the same gradients (GradCache, checkpointing).
@@ -208,13 +216,16 @@ def config_differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
 class Resume:
     """A checkpoint read back: its ``path``, ``state`` (trainer_state.json), trained
     ``weights`` {name: tensor}, ``optimizer`` ({"optimizer", "scheduler", "scaler"} state
-    dicts) and this rank's ``rng`` (:func:`capture_rng`'s dict)."""
+    dicts) and this rank's ``rng`` (:func:`capture_rng`'s dict; None when the checkpoint was
+    written by fewer ranks). ``sharded``: written by an FSDP run: ``weights`` is empty and
+    ``optimizer`` lacks "optimizer" (both are read from ``sharded/`` by every rank)."""
 
     path: Path
     state: dict
     weights: dict
     optimizer: dict
-    rng: dict
+    rng: Optional[dict]
+    sharded: bool = False
 
 
 def read_state(path: Path) -> dict:
@@ -236,15 +247,22 @@ def read_state(path: Path) -> dict:
 def load_checkpoint(path: Path, rank: int, device: torch.device) -> Resume:
     """Read checkpoint ``path`` for rank ``rank`` (tensors onto ``device``)."""
     state = read_state(path)
-    missing = [n for n in CHECKPOINT_ENTRIES if not (path / n).is_file()]
+    sharded = (path / SHARDED_DIR).is_dir()
+    entries = SHARDED_ENTRIES if sharded else CHECKPOINT_ENTRIES
+    missing = [n for n in entries if not (path / n).exists()]
     if missing:
         raise FileNotFoundError(f"checkpoint {path} lacks {missing}")
-    weights = load_file(str(path / WEIGHTS_NAME), device=str(device))
-    optimizer = torch.load(path / OPTIMIZER_NAME, map_location=device, weights_only=True)
+    if sharded:
+        weights = {}
+        optimizer = torch.load(path / SCHEDULE_NAME, map_location=device, weights_only=True)
+    else:
+        weights = load_file(str(path / WEIGHTS_NAME), device=str(device))
+        optimizer = torch.load(path / OPTIMIZER_NAME, map_location=device, weights_only=True)
     rngs = torch.load(path / RNG_NAME, map_location="cpu", weights_only=True)
-    if len(rngs) <= rank:
+    if len(rngs) <= rank and not sharded:
         raise ValueError(f"checkpoint {path} holds the generators of {len(rngs)} rank(s); this is rank {rank}")
-    return Resume(path=path, state=state, weights=weights, optimizer=optimizer, rng=rngs[rank])
+    rng = rngs[rank] if rank < len(rngs) else None  # a sharded run resumed on more ranks
+    return Resume(path=path, state=state, weights=weights, optimizer=optimizer, rng=rng, sharded=sharded)
 
 
 # -- writing ----------------------------------------------------------------------------------------
@@ -278,27 +296,46 @@ class Checkpointer:
         if not self.root.is_dir():
             return
         for entry in self.root.iterdir():
-            if entry.name.startswith(".trash-"):
+            if entry.name.startswith((".trash-", ".staging-")):
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 m = re.match(r"^\.(step-\d{8,})\.(tmp|old)-", entry.name)
                 if m:
                     recover(self.root / m[1])
 
-    def save(self, payload: dict, trained: dict, optimizer: dict) -> Optional[Path]:
+    def save(self, payload: dict, trained: dict, optimizer: dict, *, sharded: Optional[dict] = None) -> Optional[Path]:
         """Write one checkpoint: ``payload`` (trainer_state.json; its ``loop.global_step``
         names the directory), ``trained`` {name: tensor} and ``optimizer`` (state dicts).
-        Collective: every rank calls it (their generators go into ``rng.pt``)."""
+        ``sharded``: an FSDP run's DCP state ({"model", "optim"}: this rank's shards), written
+        by every rank into ``sharded/`` in place of ``trained`` and the optimizer's own state
+        (``optimizer`` then holds the schedule and loss scale only). Collective: every rank
+        calls it (their generators go into ``rng.pt``)."""
         rngs = self.dist.gather_objects(capture_rng())
+        name = checkpoint_name(payload["loop"]["global_step"])
+        staging = self.root / f".staging-{name}"
+        if sharded is not None:
+            import torch.distributed.checkpoint as dcp
+
+            if self.dist.rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            self.dist.barrier()
+            dcp.save(sharded, checkpoint_id=str(staging))  # collective: every rank its shards
+            self.dist.barrier()
         path = None
         if self.dist.rank == 0:
-            path = self.root / checkpoint_name(payload["loop"]["global_step"])
-            tensors = {k: v.detach().contiguous().cpu() for k, v in trained.items()}
+            path = self.root / name
             state = {"format": FORMAT, "version": VERSION, **payload}
-            with atomic_directory(path, owned=CHECKPOINT_ENTRIES) as tmp:
+            entries = CHECKPOINT_ENTRIES if sharded is None else SHARDED_ENTRIES
+            with atomic_directory(path, owned=entries) as tmp:
                 (tmp / STATE_NAME).write_text(json.dumps(state, indent=1, allow_nan=True) + "\n")
-                save_file(tensors, str(tmp / WEIGHTS_NAME))
-                (tmp / OPTIMIZER_NAME).write_bytes(_torch_bytes(optimizer))
+                if sharded is None:
+                    tensors = {k: v.detach().contiguous().cpu() for k, v in trained.items()}
+                    save_file(tensors, str(tmp / WEIGHTS_NAME))
+                    (tmp / OPTIMIZER_NAME).write_bytes(_torch_bytes(optimizer))
+                else:
+                    (tmp / SCHEDULE_NAME).write_bytes(_torch_bytes(optimizer))
+                    os.rename(staging, tmp / SHARDED_DIR)  # fsynced with the rest before the swap
                 (tmp / RNG_NAME).write_bytes(_torch_bytes(rngs))
             self.retain(payload["result"].get("best"))
         self.dist.barrier()

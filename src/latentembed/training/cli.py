@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .._cli_types import cli_flag, nonnegative_int, positive_float, positive_int
+from .._cli_types import cli_flag, comma_list, nonnegative_int, positive_float, positive_int
 from ..models.embedding_config import DEFAULT_LORA_TARGETS
 from ..models.embedding_io import ArgumentError
 from .config import BEST_METRICS, DEFAULT_EVAL_FRACTION, DTYPES, EXPORT_FORMATS, SCHEDULES, TrainConfig
@@ -171,6 +171,27 @@ def _optimisation_flags(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--max-grad-norm", type=positive_float, default=d.max_grad_norm, help="gradient clipping")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute layers in the backward")
+    g.add_argument(
+        "--matryoshka",
+        type=comma_list(int, "ints"),
+        default=(),
+        metavar="DIMS",
+        help="Matryoshka loss over these embedding prefix lengths, e.g. 64,128,256,576 (list the full "
+        "dimension to train it too); encode(..., dim=k) then truncates and renormalises",
+    )
+    g.add_argument(
+        "--matryoshka-weights",
+        type=comma_list(float, "numbers"),
+        default=(),
+        metavar="W",
+        help="one weight per --matryoshka dimension (default: all 1)",
+    )
+    g.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard parameters, gradients and optimizer state across the ranks (FSDP2) "
+        "instead of replicating them (DDP); checkpoints are sharded (torch.distributed.checkpoint)",
+    )
     g.add_argument("--seed", type=int, default=d.seed)
 
 

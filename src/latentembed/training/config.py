@@ -22,6 +22,7 @@ from ..atomic_io import check_replaceable
 from ..models.embedding_config import DEFAULT_LORA_TARGETS
 from ..models.embedding_io import ArgumentError
 from ..modules.contrastive import InfoNCELoss
+from ..modules.matryoshka import check_matryoshka
 from ..prompts import get_template
 
 __all__ = [
@@ -99,7 +100,11 @@ class TrainConfig:
     ``eval_group_key`` groups at a time when given; before and after training and every
     ``eval_every`` steps. Checkpoints: every ``save_every`` steps into ``output/checkpoints``,
     the newest ``keep_last`` kept (and the best by ``best_metric`` with ``keep_best``);
-    ``resume``: a checkpoint directory or ``"latest"``.
+    ``resume``: a checkpoint directory or ``"latest"``. ``fsdp``: under ``torchrun``, shard
+    the parameters, gradients and optimizer state across the ranks (FSDP2; checkpoints become
+    sharded DCP directories) instead of replicating them (DDP). ``matryoshka``: the loss is the
+    sum over these prefix lengths of the embedding (``matryoshka_weights`` each, default 1) of
+    the loss on the renormalised prefixes (:mod:`latentembed.modules.matryoshka`).
     """
 
     data: Optional[str] = None
@@ -155,6 +160,9 @@ class TrainConfig:
     report_to: Sequence[str] = ()
     progress: Optional[bool] = None
     grad_checkpointing: bool = False
+    fsdp: bool = False
+    matryoshka: Sequence[int] = ()
+    matryoshka_weights: Sequence[float] = ()
     merge_on_save: bool = False
     export: Optional[str] = None
     quiet: bool = False
@@ -164,6 +172,8 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["lora_targets"] = list(self.lora_targets)
         out["report_to"] = list(self.report_to)
+        out["matryoshka"] = list(self.matryoshka)
+        out["matryoshka_weights"] = list(self.matryoshka_weights)
         return out
 
 
@@ -250,6 +260,11 @@ def _check_ranges(cfg: TrainConfig) -> None:
     bad = sorted(set(cfg.report_to) - {"tensorboard", "none"})
     if bad:
         raise ValueError(f"--report-to: expected tensorboard or none, got {bad}")
+    if cfg.matryoshka or cfg.matryoshka_weights:
+        try:
+            check_matryoshka(tuple(cfg.matryoshka), tuple(cfg.matryoshka_weights))
+        except ValueError as e:
+            raise ValueError(f"--matryoshka {list(cfg.matryoshka)} --matryoshka-weights: {e}") from None
     try:  # the temperature's own checks (range, learnable within its clamp), made now
         InfoNCELoss(cfg.temperature, learnable_temperature=cfg.learnable_temperature)
     except ValueError as e:

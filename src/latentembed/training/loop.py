@@ -25,6 +25,7 @@ from ..modules.contrastive import InfoNCELoss
 from .data import TrainingExample, batch_examples
 from .held_out import format_eval
 from .plan import StagePlan
+from .sharded_checkpoint import load_sharded, sharded_state
 from .state import LoopState, Stage, TrainingRun
 from .steps import train_step
 
@@ -107,7 +108,12 @@ def _restore_stage(run: TrainingRun, stage: Stage, state: LoopState) -> None:
     if run.resume is None or run.resume.state["loop"]["stage"] != state.stage:
         return
     saved = run.resume.optimizer
-    stage.optimizer.load_state_dict(saved["optimizer"])
+    if run.resume.sharded:  # every rank its shards of the optimizer state
+        load_sharded(
+            run.resume.path, run.model, run.temperature, optimizer=stage.optimizer, trainable_only=not run.full
+        )
+    else:
+        stage.optimizer.load_state_dict(saved["optimizer"])
     stage.scheduler.load_state_dict(saved["scheduler"])
     if saved.get("scaler"):
         run.scaler.load_state_dict(saved["scaler"])
@@ -193,15 +199,19 @@ def _after_step(run: TrainingRun, stage: Stage, state: LoopState, result: dict) 
         run.dist.barrier()
     due = cfg.save_every is not None and state.global_step % cfg.save_every == 0
     if run.checkpoints is not None and (due or (cfg.keep_best and evaluated)):
-        path = run.checkpoints.save(
-            checkpoint_payload(run, state, result),
-            run.trained_tensors(),
-            {
-                "optimizer": stage.optimizer.state_dict(),
-                "scheduler": stage.scheduler.state_dict(),
-                "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-            },
-        )
+        schedule = {
+            "scheduler": stage.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        }
+        if run.sharded:  # every rank writes its shards of the weights and the optimizer state
+            shards = sharded_state(run.model, stage.optimizer, run.temperature, trainable_only=not run.full)
+            path = run.checkpoints.save(checkpoint_payload(run, state, result), {}, schedule, sharded=shards)
+        else:
+            path = run.checkpoints.save(
+                checkpoint_payload(run, state, result),
+                run.trained_tensors(),
+                {"optimizer": stage.optimizer.state_dict(), **schedule},
+            )
         if path is not None:
             run.log.event("checkpoint", global_step=state.global_step, path=str(path))
 

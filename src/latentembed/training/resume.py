@@ -120,11 +120,20 @@ def _refuse(path: Path, refused: list) -> None:
 
 
 def check_resume_before_model(
-    path: Path, resolved: TrainConfig, fingerprints: dict, world: int, say: Callable[..., None]
+    path: Path,
+    resolved: TrainConfig,
+    fingerprints: dict,
+    world: int,
+    say: Callable[..., None],
+    *,
+    sharded: bool = False,
 ) -> dict:
     """Compare checkpoint ``path`` with this run before any model is loaded: settings
     (``resolved`` as far as the arguments go), data files, ranks. Raises ValueError listing
     every difference that would make the result meaningless; says the harmless ones.
+    ``sharded`` (``--fsdp``): another number of ranks (several, on both sides) is allowed when
+    the global batch (ranks x ``batch_size``) is the same: the global batches are then the
+    same rows (:func:`~.data.batch_examples`) and DCP reshards the checkpoint on load.
     Returns the checkpoint's trainer_state.json."""
     saved = read_state(path)
     before_model = ("template", "pooling", "causal", "default_task")
@@ -134,7 +143,20 @@ def check_resume_before_model(
     for name, digest in fingerprints.items():
         if saved["fingerprints"].get(name) != digest:
             refused.append(f"{name}: the file's content differs from the checkpoint's run (sha256)")
-    if saved["world_size"] != world:
+    theirs_global = saved["world_size"] * saved["resolved"]["batch_size"]
+    reshard = (
+        sharded
+        and saved["resolved"].get("fsdp")
+        and min(saved["world_size"], world) > 1
+        and theirs_global == world * resolved.batch_size
+    )
+    if reshard and saved["world_size"] != world:
+        refused = [line for line in refused if not line.startswith("batch_size:")]
+        allowed.append(
+            f"ranks: {saved['world_size']} in the checkpoint, {world} now, with the same global batch of "
+            f"{theirs_global} rows (the sharded checkpoint is resharded)"
+        )
+    elif saved["world_size"] != world:
         refused.append(
             f"ranks: {saved['world_size']} in the checkpoint, {world} now (each rank's batches depend on the count)"
         )

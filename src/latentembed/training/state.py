@@ -57,6 +57,11 @@ class TrainingRun:
     resume: Optional[Resume] = None
     identity: dict = field(default_factory=dict)
 
+    @property
+    def sharded(self) -> bool:
+        """The model is sharded across the ranks (``--fsdp`` with several ranks)."""
+        return self.cfg.fsdp and self.dist.on
+
     def say(self, *args) -> None:
         """A console line (rank 0, unless quiet)."""
         self.log.say(*args)

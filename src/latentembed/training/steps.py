@@ -20,8 +20,10 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from ..modules.grad_cache import grad_cache_step
+from ..modules.matryoshka import matryoshka_loss
 from ..tokenization import pack_sequences, tokenize_with_prompts
 from .data import TrainingExample
+from .fsdp import clip_grad_norm
 from .plan import row_prompt
 from .state import Stage, TrainingRun
 
@@ -126,12 +128,25 @@ def batch_texts(run: TrainingRun, stage: Stage, batch: Sequence[TrainingExample]
     )
 
 
-def texts_loss(stage: Stage, texts: BatchTexts, q: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
+def texts_loss(run: TrainingRun, stage: Stage, texts: BatchTexts, q: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
     """The InfoNCE loss [] of queries ``q`` [B, D] against ``docs`` [B + B k, D] (the positives,
-    then the hard negatives row by row)."""
+    then the hard negatives row by row); with ``--matryoshka``, the weighted sum of the losses
+    of the renormalised prefixes."""
     B, k = texts.rows, texts.k
     hard = docs[B:].view(B, k, -1) if k > 0 else None
-    return stage.loss_fn(q.float(), docs[:B].float(), hard_negatives=hard, doc_ids=texts.doc_ids)
+    q, pos = q.float(), docs[:B].float()
+    if run.cfg.matryoshka:
+        return matryoshka_loss(
+            stage.loss_fn,
+            q,
+            pos,
+            dims=tuple(run.cfg.matryoshka),
+            weights=tuple(run.cfg.matryoshka_weights),
+            normalize=run.model.config.normalize,
+            hard_negatives=hard,
+            doc_ids=texts.doc_ids,
+        )
+    return stage.loss_fn(q, pos, hard_negatives=hard, doc_ids=texts.doc_ids)
 
 
 def batch_loss(run: TrainingRun, stage: Stage, batch: Sequence[TrainingExample]) -> tuple[torch.Tensor, int]:
@@ -140,7 +155,7 @@ def batch_loss(run: TrainingRun, stage: Stage, batch: Sequence[TrainingExample])
     texts = batch_texts(run, stage, batch)
     emb, tokens = embed_texts(run, texts.texts, texts.prefixes, texts.adapters)
     emb = emb.float()
-    return texts_loss(stage, texts, emb[: texts.rows], emb[texts.rows :]), tokens
+    return texts_loss(run, stage, texts, emb[: texts.rows], emb[texts.rows :]), tokens
 
 
 class _ChunkEncoder:
@@ -150,7 +165,9 @@ class _ChunkEncoder:
 
     def __init__(self, run: TrainingRun, texts: BatchTexts) -> None:
         self.run, self.texts, self.tokens = run, texts, 0
-        if run.dist.on:
+        # Sharded (FSDP), every chunk's backward reduce-scatters its gradients: skipping that
+        # would hold whole unsharded gradients on every rank, the memory FSDP exists to save.
+        if run.dist.on and not run.sharded:
             self.no_sync = run.module.no_sync
 
     def __call__(self, index: torch.Tensor) -> torch.Tensor:
@@ -177,7 +194,7 @@ def grad_cache_backward(
 
     def loss_fn(q: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
         with run.autocast():
-            loss = texts_loss(stage, texts, q, docs)
+            loss = texts_loss(run, stage, texts, q, docs)
         losses.append(loss.detach())
         scaled = run.scaler.scale(loss)
         return scaled * weight if weight != 1 else scaled
@@ -208,7 +225,8 @@ def train_step(run: TrainingRun, stage: Stage, batches: Sequence[Sequence[Traini
     stage.optimizer.zero_grad(set_to_none=True)
     losses, tokens = [], 0
     for i, batch in enumerate(batches):
-        sync = run.module.no_sync() if run.dist.on and i < n - 1 else nullcontext()
+        # DDP all-reduces on the last batch only; FSDP reduce-scatters each (see _ChunkEncoder)
+        sync = run.module.no_sync() if run.dist.on and not run.sharded and i < n - 1 else nullcontext()
         with sync:
             if run.cfg.grad_cache is not None:
                 loss, t = grad_cache_backward(run, stage, batch, weight)
@@ -222,7 +240,10 @@ def train_step(run: TrainingRun, stage: Stage, batches: Sequence[Sequence[Traini
     if run.temperature is not None and run.dist.on and run.temperature.grad is not None:
         run.dist.mean(run.temperature.grad)  # not a DDP parameter: average it as DDP does the rest
     run.scaler.unscale_(stage.optimizer)
-    torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
+    if run.sharded:  # DTensor gradients: the norm needs the other ranks' shards
+        clip_grad_norm(run.params, run.cfg.max_grad_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
     lr = stage.optimizer.param_groups[0]["lr"]
     scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
     run.scaler.step(stage.optimizer)

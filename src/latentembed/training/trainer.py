@@ -42,9 +42,11 @@ from typing import Callable, Optional
 import torch
 
 from ..models.embedding import EmbeddingModel
+from ..modules.matryoshka import check_matryoshka
 from .checkpoint import CHECKPOINTS_DIR, Checkpointer, find_checkpoint, load_checkpoint, restore_rng
 from .config import TrainConfig, autocast_for, check_config, resolve_device
 from .distributed import DistContext, wrap_data_parallel
+from .fsdp import full_state_dict, make_mesh, shard_model, unsharded_copy
 from .held_out import evaluate_eval_set, evaluate_held_out, format_eval
 from .logs import LOG_NAME, Progress, RunLog, StepMemory
 from .loop import record_evaluation, run_stages
@@ -61,6 +63,7 @@ from .resume import (
     resolve_before_model,
     resolve_with_model,
 )
+from .sharded_checkpoint import load_sharded
 from .state import LoopState, TrainingRun
 
 __all__ = ["TrainConfig", "train"]
@@ -110,7 +113,7 @@ def _run(
     fingerprints = data_fingerprints(cfg)
     saved = None
     if checkpoint is not None:
-        saved = check_resume_before_model(checkpoint, resolved, fingerprints, dist.world, say)
+        saved = check_resume_before_model(checkpoint, resolved, fingerprints, dist.world, say, sharded=cfg.fsdp)
     # The tiny model's and the adapters' initial weights draw from this stream (and LoRA
     # dropout, until a resumed run puts back the checkpoint's generators).
     torch.manual_seed(cfg.seed)
@@ -122,13 +125,22 @@ def _run(
     if model is None:
         model = build_tiny_model(cfg, data, template, dist)
     set_trainable(model, cfg, full=resolved.full, template=template, data=data)
+    if cfg.matryoshka:
+        try:
+            check_matryoshka(tuple(cfg.matryoshka), tuple(cfg.matryoshka_weights), model.backbone.config.hidden_size)
+        except ValueError as e:
+            raise ValueError(f"--matryoshka {list(cfg.matryoshka)}: {e}") from None
     resolved = resolve_with_model(resolved, model, template, cfg)
     fingerprints["frozen"] = frozen_fingerprint(model)
     if saved is not None:
         check_resume_with_model(checkpoint, saved, resolved, fingerprints["frozen"])
     total = sum(s.steps for s in stages)
     run = _build_run(cfg, model, device, dist, say, resolved, data, total)  # 4. device, DDP, logs
-    run.identity = {**checkpoint_identity(cfg, resolved, fingerprints, dist.world), "total_steps": total}
+    run.identity = {
+        **checkpoint_identity(cfg, resolved, fingerprints, dist.world),
+        "total_steps": total,
+        "adapters": list(model.adapter_names),  # what exporting a sharded checkpoint rebuilds
+    }
     result: dict = {
         "loss_history": [],
         "stages": [],
@@ -156,8 +168,10 @@ def _run(
         result["eval_before"] = run.evaluate()
         record_evaluation(run, state, result, result["eval_before"], stage=1)
         run.say("eval before: " + format_eval(result["eval_before"]))
-    if checkpoint is not None:
+    if checkpoint is not None and run.resume.rng is not None:
         restore_rng(run.resume.rng)  # last: every draw from here on is the one the killed run made
+    elif checkpoint is not None:  # a rank the sharded checkpoint's run did not have: its own stream
+        torch.manual_seed(cfg.seed * 1_000_003 + state.global_step * 1_009 + dist.rank)
     try:
         run_stages(run, stages, state, result)
         model.eval()
@@ -185,21 +199,34 @@ def _resume(run: TrainingRun, checkpoint: Path, result: dict) -> LoopState:
     """Put the checkpoint's trained weights into the model, keep its optimizer state for its
     stage and its generators for the loop, and continue its history; returns its position."""
     resume = load_checkpoint(checkpoint, run.dist.rank, run.device)
+    if resume.sharded != run.sharded:
+        raise ValueError(
+            f"checkpoint {checkpoint} is {'sharded (FSDP)' if resume.sharded else 'unsharded'}; this run is "
+            f"{'sharded (--fsdp with several ranks)' if run.sharded else 'not'}: resume it as it was written"
+        )
+    if resume.sharded:  # every rank reads its shards, resharded to this run's ranks
+        load_sharded(checkpoint, run.model, run.temperature, trainable_only=not run.full)
+    else:
+        _copy_weights(run, checkpoint, resume.weights)
+    run.resume = resume
+    saved = resume.state["result"]
+    result.update({k: v for k, v in saved.items() if k not in ("trainable_params", "total_params")})
+    result["resumed_from"] = str(checkpoint)
+    return LoopState(**resume.state["loop"])
+
+
+def _copy_weights(run: TrainingRun, checkpoint: Path, weights: dict) -> None:
+    """Put an unsharded checkpoint's trained tensors into the model."""
     trained = run.trained_tensors()
-    missing = sorted(set(trained) - set(resume.weights))
-    unexpected = sorted(set(resume.weights) - set(trained))
+    missing = sorted(set(trained) - set(weights))
+    unexpected = sorted(set(weights) - set(trained))
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {checkpoint} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     with torch.no_grad():
         for name, tensor in trained.items():
-            tensor.copy_(resume.weights[name])
-    run.resume = resume
-    saved = resume.state["result"]
-    result.update({k: v for k, v in saved.items() if k not in ("trainable_params", "total_params")})
-    result["resumed_from"] = str(checkpoint)
-    return LoopState(**resume.state["loop"])
+            tensor.copy_(weights[name])
 
 
 def _build_run(
@@ -225,7 +252,15 @@ def _build_run(
     dtype, autocast = autocast_for(cfg, device)
     # A layer's adapters are one stacked parameter, so one adapter trains them all; only a
     # batch whose rows all run the base weights (multi-adapter models) leaves them unused.
-    module = wrap_data_parallel(model, device, dist, find_unused_parameters=not full and len(model.adapter_names) > 1)
+    if cfg.fsdp and dist.on:
+        # Sharded after the trainable flags are set and before the optimizer exists: the
+        # optimizer must hold the sharded (DTensor) parameters.
+        module = shard_model(model, mesh=make_mesh(device, world=dist.world), param_dtype=dtype)
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        module = wrap_data_parallel(
+            model, device, dist, find_unused_parameters=not full and len(model.adapter_names) > 1
+        )
     temperature = None
     if cfg.learnable_temperature:
         temperature = torch.nn.Parameter(torch.tensor(1.0 / cfg.temperature, device=device).log())
@@ -253,15 +288,27 @@ def _build_run(
         full=full,
         amp_dtype=dtype,
         autocast=autocast,
-        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        scaler=_loss_scaler(device, enabled=dtype == torch.float16, sharded=cfg.fsdp and dist.on),
         log=log,
         memory=StepMemory(device),
         temperature=temperature,
         checkpoints=checkpoints,
     )
-    if cfg.eval and rank0 and (data.held_out or data.eval_set is not None):
+    # Sharded, every rank runs the evaluation's forwards (each gathers weights from all ranks);
+    # rank 0 keeps the result.
+    if cfg.eval and (rank0 or run.sharded) and (data.held_out or data.eval_set is not None):
         run.evaluate = lambda: _evaluate(run, data)
     return run
+
+
+def _loss_scaler(device: torch.device, *, enabled: bool, sharded: bool) -> torch.amp.GradScaler:
+    """The fp16 loss scaler; sharded, one whose overflow check is all-reduced over the ranks
+    (each rank sees only its shards' gradients: ranks deciding apart would diverge)."""
+    if sharded:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type, enabled=enabled)
+    return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
 def _describe(run: TrainingRun, data: RunData, result: dict, *, tiny: bool, lr: float) -> str:
@@ -305,16 +352,21 @@ def _compare_evals(b: dict, a: dict) -> str:
 
 
 def _save_run(run: TrainingRun, result: dict) -> None:
-    """Rank 0 saves the run to ``--output`` (or says how to)."""
+    """Rank 0 saves the run to ``--output`` (or says how to); sharded, every rank first sends
+    it its shards and rank 0 saves a plain copy of the whole model."""
     cfg = run.cfg
+    model = run.model
+    if run.sharded and cfg.output:
+        state = full_state_dict(model)  # collective
+        model = unsharded_copy(model, state) if run.dist.rank == 0 else model
     if run.dist.rank != 0:
         return
     if cfg.output:
         resolved = run.identity["resolved"]
-        note = save_output(run.model, cfg, result, run.full, config=resolved)
+        note = save_output(model, cfg, result, run.full, config=resolved)
         if note:
             run.say(note)
-        merged = " (adapter merged into model/)" if run.model.merged else ""
+        merged = " (adapter merged into model/)" if model.merged else ""
         exported = f"{cfg.export}/, " if cfg.export else ""
         run.say(
             f"saved to {cfg.output}: model/{merged}, {'' if run.full else 'adapters/, '}{exported}"
