@@ -360,6 +360,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the rows (and what was skipped) to this JSON file")
     parser.add_argument(
         "--ablation",
         action="append",
@@ -384,6 +385,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(summarize(rows))
     for impl, why in skipped.items():
         print(f"skipped {impl}: {why}")
+    if args.json:
+        from dataclasses import asdict
+
+        from ..atomic_io import atomic_write_json
+
+        atomic_write_json(args.json, {"rows": [asdict(r) for r in rows], "skipped": skipped})
     return 0
 
 
