@@ -17,6 +17,8 @@ Formats read by :func:`load_embedding_model` (a local directory, found by what i
   (``mask_instruction="nvembed_compat"``).
 * a plain HF decoder (Mistral / Llama / Qwen2, with or without ``model.`` prefix): the pooling
   must be chosen (``pooling=``); a latent-attention head is then freshly initialised.
+* a GGUF file (``model.gguf``, llama / mistral / qwen2; :mod:`latentembed.models.gguf`): read as
+  a plain decoder (``pooling=`` required), dequantised, its tokenizer rebuilt from the metadata.
 
 PEFT LoRA directories are added with ``adapters={"name": "path/to/adapter", ...}``.
 A ``tokenizer.json`` in the directory (or ``tokenizer=``) becomes ``model.tokenizer``; one with
@@ -33,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Mapping, NamedTuple, Optional, TypeVar, Union
+from typing import Callable, Mapping, NamedTuple, Optional, TypeVar, Union
 
 import torch
 from safetensors import safe_open
@@ -49,6 +51,8 @@ from ..tokenization import TextTokenizer, as_tokenizer, check_tokenizer_fits
 from .checkpoint import CHECKPOINT_ENTRIES, CheckpointError, checkpoint_files, load_state_dict, misfit
 from .decoder_config import DecoderConfig
 from .embedding_config import EmbeddingConfig
+from .gguf import gguf_config, gguf_tensors, is_gguf_file, load_gguf_state, open_gguf
+from .gguf_tokenizer import gguf_tokenizer
 
 __all__ = ["load_embedding_model", "save_embedding_model", "save_adapters", "ArgumentError", "EMBEDDING_CONFIG_NAME"]
 
@@ -119,18 +123,22 @@ def load_embedding_model(
         >>> model.encode(["how do plants make food?"], task="retrieval")  # doctest: +SKIP
     """
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(missing_directory_message(path, "model directory"))
+    gguf = is_gguf_file(path)
+    if not (gguf or path.is_dir()):
+        raise FileNotFoundError(missing_directory_message(path, "model directory (or .gguf file)"))
     bad = sorted(set(overrides) - set(_OVERRIDABLE))
     if bad:
         raise TypeError(
             f"from_pretrained got unexpected arguments {bad}; config fields it can override: {list(_OVERRIDABLE)}"
         )
-    decoder_config = DecoderConfig.from_hf_config(path)
+    reader = open_gguf(path) if gguf else None
+    decoder_config = gguf_config(reader, path) if gguf else DecoderConfig.from_hf_config(path)
     # The tokenizer before the weights: a corrupt or too large one fails before any loading.
     if tokenizer is not None:
         source = f"tokenizer={str(tokenizer)!r}" if isinstance(tokenizer, (str, Path)) else "tokenizer="
         tokenizer = as_tokenizer(tokenizer)
+    elif gguf:
+        tokenizer, source = gguf_tokenizer(reader, path), f"the tokenizer metadata of {path}"
     elif (path / "tokenizer.json").is_file():
         tokenizer, source = TextTokenizer.from_pretrained(path), str(path / "tokenizer.json")
     if tokenizer is not None:
@@ -141,7 +149,7 @@ def load_embedding_model(
             table=f"the embedding table of {path} (vocab_size in its config.json)",
         )
     own = path / EMBEDDING_CONFIG_NAME
-    fmt = "own" if own.is_file() else "nvembed" if _is_nvembed(path) else "plain"
+    fmt = "gguf" if gguf else "own" if own.is_file() else "nvembed" if _is_nvembed(path) else "plain"
     if latent_attention is not None and fmt != "plain":
         raise ValueError(f"latent_attention= describes a new head for a plain decoder; {path} stores its own pooling")
     target = _Target(
@@ -156,6 +164,15 @@ def load_embedding_model(
         model = _load_own(path, own, pooling=pooling, target=target)
     elif fmt == "nvembed":
         model = _load_nvembed(path, pooling=pooling, target=target)
+    elif fmt == "gguf":
+
+        def load_backbone(backbone: nn.Module) -> None:
+            tensors = gguf_tensors(reader, decoder_config, path, dtype)
+            load_gguf_state(backbone, tensors, path, device)
+
+        model = _load_plain(
+            path, pooling=pooling, latent_attention=latent_attention, target=target, load_backbone=load_backbone
+        )
     else:
         model = _load_plain(path, pooling=pooling, latent_attention=latent_attention, target=target)
     if adapters:
@@ -301,7 +318,14 @@ def _load_nvembed(path: Path, *, pooling: Optional[str], target: _Target) -> nn.
     return model
 
 
-def _load_plain(path: Path, *, pooling: Optional[str], latent_attention: Optional[dict], target: _Target) -> nn.Module:
+def _load_plain(
+    path: Path,
+    *,
+    pooling: Optional[str],
+    latent_attention: Optional[dict],
+    target: _Target,
+    load_backbone: Optional[Callable[[nn.Module], None]] = None,
+) -> nn.Module:
     dtype, device = target.dtype, target.device
     if pooling is None:
         raise ArgumentError(
@@ -316,7 +340,10 @@ def _load_plain(path: Path, *, pooling: Optional[str], latent_attention: Optiona
         )
     config = EmbeddingConfig(pooling=pooling, latent_attention=latent_attention, **target.overrides)
     model = target.build(config)
-    model.backbone.checkpoint_format = load_state_dict(model.backbone, path, dtype=dtype, device=device)
+    if load_backbone is None:
+        model.backbone.checkpoint_format = load_state_dict(model.backbone, path, dtype=dtype, device=device)
+    else:
+        load_backbone(model.backbone)
     if config.pooling == "latent_attention":
         # a new head, randomly initialised for training, where the backbone's tensors are
         with torch.device(device):
