@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help=f"tokens per text (default {d.max_length})")
     p.add_argument("--eval-every", type=int, help=f"steps between evaluations (default {d.eval_every})")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank)
+    p.add_argument("--lora-layers", type=int, default=d.lora_layers, help="LoRA on the top N layers only")
     p.add_argument("--pooling", default=d.pooling, help=f"default {d.pooling}")
     p.add_argument("--causal", action="store_true", help="causal attention (default: bidirectional)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -58,6 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         max_length=args.max_length or quick.get("max_length", DEFAULT.max_length),
         eval_every=args.eval_every or quick.get("eval_every", DEFAULT.eval_every),
         lora_rank=args.lora_rank,
+        lora_layers=args.lora_layers,
         pooling=args.pooling,
         causal=args.causal,
         seed=args.seed,

@@ -31,6 +31,7 @@ import torch
 from ..atomic_io import atomic_write_json, atomic_write_text
 from ..evaluation.metrics import retrieval_metrics
 from ..models.embedding import EmbeddingModel
+from ..models.embedding_config import DEFAULT_LORA_TARGETS
 from ..training.config import TrainConfig
 from ..training.trainer import train
 from .assets import SMOLLM2, WIKIPEDIA, fetch_asset
@@ -57,6 +58,7 @@ class DemoOptions:
     max_length: int = 128
     eval_every: int = 20
     lora_rank: int = 16
+    lora_layers: Optional[int] = None  # LoRA on the top N layers only (None: all): backward stops below them
     pooling: str = "mean"
     causal: bool = False
     seed: int = 0
@@ -189,10 +191,14 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> dict:
     clock.stage(f"the model from {model_path.name} ({o.pooling} pooling, {'causal' if o.causal else 'bidirectional'})")
     model = EmbeddingModel.from_pretrained(model_path, pooling=o.pooling, causal=o.causal, dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
+    depth = model.backbone.config.num_hidden_layers
+    first = depth - min(o.lora_layers or depth, depth)
+    targets = [f"layers.{i}.{t}" for i in range(first, depth) for t in DEFAULT_LORA_TARGETS]
     say(f"  {n_params / 1e6:.1f} M parameters, float32 on CPU")
 
     clock.stage(
-        f"fine-tuning: {o.steps} LoRA steps (batch {o.batch_size}, {o.hard_negatives} hard negatives, lr {o.lr:g}), "
+        f"fine-tuning: {o.steps} LoRA steps (layers {first}-{depth - 1}, batch {o.batch_size}, "
+        f"{o.hard_negatives} hard negatives, lr {o.lr:g}), "
         f"evaluated before, every {o.eval_every} steps and after"
     )
     t_train = time.perf_counter()
@@ -208,6 +214,7 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> dict:
         eval_every=o.eval_every,
         lora_rank=o.lora_rank,
         lora_alpha=2.0 * o.lora_rank,
+        lora_targets=targets,
         seed=o.seed,
         merge_on_save=True,
         progress=o.progress,
