@@ -123,12 +123,15 @@ class Progress:
         self.t0 = time.perf_counter()
         self.line = ""
 
+    def left_s(self, done: int) -> tuple[float, float]:
+        """(seconds per step, seconds left) from this process's steps so far."""
+        per_step = (time.perf_counter() - self.t0) / max(done - self.first, 1)
+        return per_step, per_step * max(self.total - done, 0)
+
     def update(self, done: int, stage: int) -> None:
         if not self.enabled:
             return
-        elapsed = time.perf_counter() - self.t0
-        per_step = elapsed / max(done - self.first, 1)
-        left = per_step * max(self.total - done, 0)
+        per_step, left = self.left_s(done)
         width = 24
         filled = min(width, width * done // self.total)
         self.line = (
@@ -236,7 +239,9 @@ class RunLog:
             self.say(
                 f"stage {entry['stage']} step {step:4d}/{stage_steps} loss {entry['loss']:.4f} "
                 f"lr {entry['lr']:.2e}{temp} tok/s {entry['tokens_per_s']:,.0f} "
-                f"{entry['step_s']:.2f} s/step mem {entry['mem']} max {entry['peak_mem_mib']:.0f} MiB"
+                f"{entry['step_s']:.2f} s/step mem {entry['mem']} max {entry['peak_mem_mib']:.0f} MiB "
+                # the console line carries the ETA too: logs piped to a file have no progress bar
+                f"ETA {_clock(self.progress.left_s(entry['global_step'])[1])}"
             )
 
     def evaluation(self, global_step: int, stage: int, step: int, metrics: dict) -> None:
