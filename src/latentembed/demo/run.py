@@ -193,7 +193,10 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     depth = model.backbone.config.num_hidden_layers
     first = depth - min(o.lora_layers or depth, depth)
-    targets = [f"layers.{i}.{t}" for i in range(first, depth) for t in DEFAULT_LORA_TARGETS]
+    targets = list(DEFAULT_LORA_TARGETS)
+    if first > 0:
+        block = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
+        targets = [f"layers.{i}.{block.get(t, 'mlp')}.{t}" for i in range(first, depth) for t in targets]
     say(f"  {n_params / 1e6:.1f} M parameters, float32 on CPU")
 
     clock.stage(

@@ -123,15 +123,12 @@ class Progress:
         self.t0 = time.perf_counter()
         self.line = ""
 
-    def left_s(self, done: int) -> tuple[float, float]:
-        """(seconds per step, seconds left) from this process's steps so far."""
-        per_step = (time.perf_counter() - self.t0) / max(done - self.first, 1)
-        return per_step, per_step * max(self.total - done, 0)
-
     def update(self, done: int, stage: int) -> None:
         if not self.enabled:
             return
-        per_step, left = self.left_s(done)
+        elapsed = time.perf_counter() - self.t0
+        per_step = elapsed / max(done - self.first, 1)
+        left = per_step * max(self.total - done, 0)
         width = 24
         filled = min(width, width * done // self.total)
         self.line = (
@@ -184,6 +181,7 @@ class RunLog:
         self.path, self._say, self.progress = path, say, progress
         self.tensorboard_dir, self.log_every = tensorboard_dir, log_every
         self.writer = None
+        self.step_seconds: list = []  # this process's step times, for the ETA of the console lines
 
     def say(self, *args) -> None:
         """A console line, with the progress bar kept below it."""
@@ -233,6 +231,7 @@ class RunLog:
                 if key in entry:
                     self.writer.add_scalar(f"train/{key}", entry[key], g)
         self.progress.update(entry["global_step"], entry["stage"])
+        self.step_seconds.append(entry.get("step_s", 0.0))
         step, stage_steps = entry["step"], entry["stage_steps"]
         if step % self.log_every == 0 or step == stage_steps or step == 1:
             temp = f" temp {entry['temperature']:.4f}" if "temperature" in entry else ""
@@ -240,9 +239,14 @@ class RunLog:
                 f"stage {entry['stage']} step {step:4d}/{stage_steps} loss {entry['loss']:.4f} "
                 f"lr {entry['lr']:.2e}{temp} tok/s {entry['tokens_per_s']:,.0f} "
                 f"{entry['step_s']:.2f} s/step mem {entry['mem']} max {entry['peak_mem_mib']:.0f} MiB "
-                # the console line carries the ETA too: logs piped to a file have no progress bar
-                f"ETA {_clock(self.progress.left_s(entry['global_step'])[1])}"
+                f"ETA {self.eta(entry['global_step'])}"
             )
+
+    def eta(self, global_step: int) -> str:
+        """Time left for the steps (``h:mm:ss``) at the mean step time so far, evaluations not
+        counted; on the console lines too, since a log piped to a file has no progress bar."""
+        mean = sum(self.step_seconds) / max(len(self.step_seconds), 1)
+        return _clock(mean * max(self.progress.total - global_step, 0))
 
     def evaluation(self, global_step: int, stage: int, step: int, metrics: dict) -> None:
         """An evaluation's metrics: JSONL and TensorBoard (the console line is the caller's)."""
