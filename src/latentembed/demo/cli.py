@@ -30,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help=f"tokens per text (default {d.max_length})")
     p.add_argument("--eval-every", type=int, help=f"steps between evaluations (default {d.eval_every})")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank)
-    p.add_argument("--lora-layers", type=int, default=d.lora_layers, help="LoRA on the top N layers only")
+    p.add_argument(
+        "--lora-layers",
+        type=int,
+        default=d.lora_layers,
+        help=f"LoRA on the top N layers only, 0 = all (default {d.lora_layers})",
+    )
     p.add_argument("--pooling", default=d.pooling, help=f"default {d.pooling}")
     p.add_argument("--causal", action="store_true", help="causal attention (default: bidirectional)")
     p.add_argument("--seed", type=int, default=d.seed)
