@@ -39,6 +39,7 @@ from ..atomic_io import atomic_directory, missing_directory_message, read_json
 from ..tokenization import TOKENIZER_FILES
 from .decoder import DecoderModel
 from .decoder_config import DecoderConfig
+from .gguf import is_gguf_file, load_gguf_decoder
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -216,7 +217,9 @@ def load_decoder(
     attn_backend: str = "auto",
     prefix: Optional[str] = None,
 ) -> DecoderModel:
-    """Build a :class:`DecoderModel` from a local HF-style directory (config.json + safetensors).
+    """Build a :class:`DecoderModel` from a local HF-style directory (config.json + safetensors)
+    or a GGUF file (``model.gguf``: :mod:`latentembed.models.gguf`; dequantised to ``dtype``,
+    float32 by default; ``strict`` and ``prefix`` do not apply).
 
     The model is created on the meta device (no allocation, no random init) and its parameters
     are the tensors read from disk in ``dtype`` on ``device``. The checkpoint's layout is kept in
@@ -224,7 +227,10 @@ def load_decoder(
 
     Example:
         >>> model = load_decoder("path/to/NV-Embed-v2", dtype=torch.bfloat16, device="cuda")  # doctest: +SKIP
+        >>> small = load_decoder("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
     """
+    if is_gguf_file(path):
+        return load_gguf_decoder(path, dtype=dtype, device=device, causal=causal, attn_backend=attn_backend)
     if not Path(path).is_dir():
         raise FileNotFoundError(missing_directory_message(path, "checkpoint directory"))
     config = DecoderConfig.from_hf_config(path)

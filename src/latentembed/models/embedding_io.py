@@ -21,6 +21,8 @@ Formats read by :func:`load_embedding_model` (a local directory, found by what i
   (``save_pretrained(dir, format="sentence-transformers")``).
 * a plain HF decoder (Mistral / Llama / Qwen2, with or without ``model.`` prefix): the pooling
   must be chosen (``pooling=``); a latent-attention head is then freshly initialised.
+* a GGUF file (``model.gguf``, llama / mistral / qwen2; :mod:`latentembed.models.gguf`): read as
+  a plain decoder (``pooling=`` required), dequantised, its tokenizer rebuilt from the metadata.
 
 PEFT LoRA directories are added with ``adapters={"name": "path/to/adapter", ...}``.
 A ``tokenizer.json`` in the directory (or ``tokenizer=``) becomes ``model.tokenizer``; one with
@@ -37,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Mapping, NamedTuple, Optional, TypeVar, Union
+from typing import Callable, Mapping, NamedTuple, Optional, TypeVar, Union
 
 import torch
 from safetensors import safe_open
@@ -53,6 +55,8 @@ from ..tokenization import TextTokenizer, as_tokenizer, check_tokenizer_fits
 from .checkpoint import CHECKPOINT_ENTRIES, CheckpointError, checkpoint_files, load_state_dict, misfit
 from .decoder_config import DecoderConfig
 from .embedding_config import EmbeddingConfig
+from .gguf import gguf_config, gguf_tensors, is_gguf_file, load_gguf_state, open_gguf
+from .gguf_tokenizer import gguf_tokenizer
 from .st_export import ST_FORMAT, save_sentence_transformers
 from .st_import import is_st_directory, st_embedding_settings
 
@@ -125,18 +129,22 @@ def load_embedding_model(
         >>> model.encode(["how do plants make food?"], task="retrieval")  # doctest: +SKIP
     """
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(missing_directory_message(path, "model directory"))
+    gguf = is_gguf_file(path)
+    if not (gguf or path.is_dir()):
+        raise FileNotFoundError(missing_directory_message(path, "model directory (or .gguf file)"))
     bad = sorted(set(overrides) - set(_OVERRIDABLE))
     if bad:
         raise TypeError(
             f"from_pretrained got unexpected arguments {bad}; config fields it can override: {list(_OVERRIDABLE)}"
         )
-    decoder_config = DecoderConfig.from_hf_config(path)
+    reader = open_gguf(path) if gguf else None
+    decoder_config = gguf_config(reader, path) if gguf else DecoderConfig.from_hf_config(path)
     # The tokenizer before the weights: a corrupt or too large one fails before any loading.
     if tokenizer is not None:
         source = f"tokenizer={str(tokenizer)!r}" if isinstance(tokenizer, (str, Path)) else "tokenizer="
         tokenizer = as_tokenizer(tokenizer)
+    elif gguf:
+        tokenizer, source = gguf_tokenizer(reader, path), f"the tokenizer metadata of {path}"
     elif (path / "tokenizer.json").is_file():
         tokenizer, source = TextTokenizer.from_pretrained(path), str(path / "tokenizer.json")
     if tokenizer is not None:
@@ -148,7 +156,9 @@ def load_embedding_model(
         )
     own = path / EMBEDDING_CONFIG_NAME
     fmt = (
-        "own"
+        "gguf"
+        if gguf
+        else "own"
         if own.is_file()
         else "nvembed"
         if _is_nvembed(path)
@@ -172,6 +182,15 @@ def load_embedding_model(
         model = _load_nvembed(path, pooling=pooling, target=target)
     elif fmt == "sentence-transformers":
         model = _load_sentence_transformers(path, pooling=pooling, target=target)
+    elif fmt == "gguf":
+
+        def load_backbone(backbone: nn.Module) -> None:
+            tensors = gguf_tensors(reader, decoder_config, path, dtype)
+            load_gguf_state(backbone, tensors, path, device)
+
+        model = _load_plain(
+            path, pooling=pooling, latent_attention=latent_attention, target=target, load_backbone=load_backbone
+        )
     else:
         model = _load_plain(path, pooling=pooling, latent_attention=latent_attention, target=target)
     if adapters:
@@ -339,7 +358,14 @@ def _load_sentence_transformers(path: Path, *, pooling: Optional[str], target: _
     return model
 
 
-def _load_plain(path: Path, *, pooling: Optional[str], latent_attention: Optional[dict], target: _Target) -> nn.Module:
+def _load_plain(
+    path: Path,
+    *,
+    pooling: Optional[str],
+    latent_attention: Optional[dict],
+    target: _Target,
+    load_backbone: Optional[Callable[[nn.Module], None]] = None,
+) -> nn.Module:
     dtype, device = target.dtype, target.device
     if pooling is None:
         raise ArgumentError(
@@ -354,7 +380,10 @@ def _load_plain(path: Path, *, pooling: Optional[str], latent_attention: Optiona
         )
     config = EmbeddingConfig(pooling=pooling, latent_attention=latent_attention, **target.overrides)
     model = target.build(config)
-    model.backbone.checkpoint_format = load_state_dict(model.backbone, path, dtype=dtype, device=device)
+    if load_backbone is None:
+        model.backbone.checkpoint_format = load_state_dict(model.backbone, path, dtype=dtype, device=device)
+    else:
+        load_backbone(model.backbone)
     if config.pooling == "latent_attention":
         # a new head, randomly initialised for training, where the backbone's tensors are
         with torch.device(device):

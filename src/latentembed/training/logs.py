@@ -181,6 +181,7 @@ class RunLog:
         self.path, self._say, self.progress = path, say, progress
         self.tensorboard_dir, self.log_every = tensorboard_dir, log_every
         self.writer = None
+        self.step_seconds: list = []  # this process's step times, for the ETA of the console lines
 
     def say(self, *args) -> None:
         """A console line, with the progress bar kept below it."""
@@ -230,14 +231,22 @@ class RunLog:
                 if key in entry:
                     self.writer.add_scalar(f"train/{key}", entry[key], g)
         self.progress.update(entry["global_step"], entry["stage"])
+        self.step_seconds.append(entry.get("step_s", 0.0))
         step, stage_steps = entry["step"], entry["stage_steps"]
         if step % self.log_every == 0 or step == stage_steps or step == 1:
             temp = f" temp {entry['temperature']:.4f}" if "temperature" in entry else ""
             self.say(
                 f"stage {entry['stage']} step {step:4d}/{stage_steps} loss {entry['loss']:.4f} "
                 f"lr {entry['lr']:.2e}{temp} tok/s {entry['tokens_per_s']:,.0f} "
-                f"{entry['step_s']:.2f} s/step mem {entry['mem']} max {entry['peak_mem_mib']:.0f} MiB"
+                f"{entry['step_s']:.2f} s/step mem {entry['mem']} max {entry['peak_mem_mib']:.0f} MiB "
+                f"ETA {self.eta(entry['global_step'])}"
             )
+
+    def eta(self, global_step: int) -> str:
+        """Time left for the steps (``h:mm:ss``) at the mean step time so far, evaluations not
+        counted; on the console lines too, since a log piped to a file has no progress bar."""
+        mean = sum(self.step_seconds) / max(len(self.step_seconds), 1)
+        return _clock(mean * max(self.progress.total - global_step, 0))
 
     def evaluation(self, global_step: int, stage: int, step: int, metrics: dict) -> None:
         """An evaluation's metrics: JSONL and TensorBoard (the console line is the caller's)."""
