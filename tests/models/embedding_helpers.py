@@ -8,8 +8,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from latentembed.models.decoder_config import DecoderConfig
+from latentembed.models.embedding import EmbeddingModel
+from latentembed.models.embedding_config import EmbeddingConfig
 from latentembed.modules.latent_attention_unfolded import UnfoldedLatentAttentionPooling
-from tests.tokenizer_helpers import VOCAB_SIZE, build_tokenizer
+from latentembed.modules.lora import multi_lora_layers
+from tests.tokenizer_helpers import VOCAB_SIZE, build_tokenizer, hf_tokenizer
 
 from .decoder_helpers import hf_model, save_hf
 
@@ -66,3 +70,27 @@ def nvembed_dir(path: Path, tokenizer: str = "metaspace"):
     (path / "config.json").write_text(json.dumps(config, indent=2))
     build_tokenizer(tokenizer, path)
     return path, backbone, head
+
+
+def tiny_model(pooling="mean", tokenizer="metaspace", adapters=None, **config) -> EmbeddingModel:
+    """A random 2-layer Mistral-shaped EmbeddingModel with a tokenizer (``tokenizer_helpers``
+    kinds), in eval mode; ``adapters``: names of LoRA adapters with random (nonzero) B."""
+    cfg = DecoderConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    latent = dict(LATENT) if pooling == "latent_attention" else None
+    model = EmbeddingModel(
+        cfg, EmbeddingConfig(pooling=pooling, latent_attention=latent, **config), tokenizer=hf_tokenizer(tokenizer)
+    ).eval()
+    if adapters:
+        model.add_adapters(adapters, rank=4, alpha=8)
+        with torch.no_grad():  # fresh adapters are zero in B: make them matter
+            for _, layer in multi_lora_layers(model):
+                layer.lora_b.normal_(0, 0.3)
+    return model

@@ -12,14 +12,11 @@ import pytest
 import torch
 
 from latentembed.models.checkpoint import CheckpointError
-from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.embedding import EmbeddingModel
-from latentembed.models.embedding_config import EmbeddingConfig
-from latentembed.modules.lora import multi_lora_layers
-from tests.tokenizer_helpers import VOCAB_SIZE, hf_tokenizer
+from tests.tokenizer_helpers import VOCAB_SIZE
 
 from .decoder_helpers import bidirectional_mask_4d, hf_positions, rel_err
-from .embedding_helpers import LATENT, QUERY_INSTRUCTION, nvembed_dir, plain_decoder_dir
+from .embedding_helpers import QUERY_INSTRUCTION, nvembed_dir, plain_decoder_dir, tiny_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,28 +29,6 @@ TEXTS = [
     "hello",
     "Tokenizers split text into tokens.",
 ]
-
-
-def tiny_model(pooling="mean", tokenizer="metaspace", adapters=None, **config) -> EmbeddingModel:
-    cfg = DecoderConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    latent = dict(LATENT) if pooling == "latent_attention" else None
-    model = EmbeddingModel(
-        cfg, EmbeddingConfig(pooling=pooling, latent_attention=latent, **config), tokenizer=hf_tokenizer(tokenizer)
-    ).eval()
-    if adapters:
-        model.add_adapters(adapters, rank=4, alpha=8)
-        with torch.no_grad():  # fresh adapters are zero in B: make them matter
-            for _, layer in multi_lora_layers(model):
-                layer.lora_b.normal_(0, 0.3)
-    return model
 
 
 def hf_reference_embeddings(backbone, tok, texts, prefix, pool, n_masked=0):

@@ -15,12 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentembed.models.decoder_config import DecoderConfig
 from latentembed.models.embedding import EmbeddingModel
-from latentembed.models.embedding_config import EmbeddingConfig
 from latentembed.models.st_export import ExportWarning, save_sentence_transformers_per_adapter
-from latentembed.modules.lora import multi_lora_layers
-from tests.tokenizer_helpers import VOCAB_SIZE, hf_tokenizer
+
+from .embedding_helpers import tiny_model as shared_tiny_model
 
 st = pytest.importorskip("sentence_transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,7 +30,6 @@ TEXTS = [
     "a man is playing a guitar.",
     "The quick brown fox jumps over the lazy dog. Hello world, hello embeddings! " * 2,
 ]
-LATENT = dict(num_latents=6, num_heads=2, dim_head=16, ff_mult=2)
 # A prompt ending at a token boundary ("\n" is its own byte-level token), so that
 # sentence-transformers' prompt exclusion (the prompt's token count) equals latentembed's exact mask.
 NEWLINE_TEMPLATE = {
@@ -45,25 +42,8 @@ ATOL = 2e-6
 
 
 def tiny_model(pooling="mean", tokenizer="bpe", adapters=None, **config) -> EmbeddingModel:
-    cfg = DecoderConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    latent = dict(LATENT) if pooling == "latent_attention" else None
-    model = EmbeddingModel(
-        cfg, EmbeddingConfig(pooling=pooling, latent_attention=latent, **config), tokenizer=hf_tokenizer(tokenizer)
-    ).eval()
-    if adapters:
-        model.add_adapters(adapters, rank=4, alpha=8)
-        with torch.no_grad():  # fresh adapters are zero in B: make them matter
-            for _, layer in multi_lora_layers(model):
-                layer.lora_b.normal_(0, 0.3)
-    return model
+    """The shared tiny model (embedding_helpers), with the byte-level BPE tokenizer by default."""
+    return shared_tiny_model(pooling, tokenizer, adapters, **config)
 
 
 def export(model, path: Path, **kwargs) -> Path:

@@ -44,7 +44,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .harness import Measurement
+from .harness import Measurement, environment, write_json
 from .train_step_sides import VARIANTS, encode_texts, latentembed_side, st_peft_side, tiny_model_dir
 
 OP = "train_step"
@@ -385,12 +385,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(summarize(rows))
     for impl, why in skipped.items():
         print(f"skipped {impl}: {why}")
-    if args.json:
-        from dataclasses import asdict
-
-        from ..atomic_io import atomic_write_json
-
-        atomic_write_json(args.json, {"rows": [asdict(r) for r in rows], "skipped": skipped})
+    if args.json:  # the format of `latentembed bench --json`, with the environment
+        write_json(args.json, environment(torch.device(args.device)), 0.0, rows, skipped=skipped)
     return 0
 
 

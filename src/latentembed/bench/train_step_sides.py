@@ -54,6 +54,22 @@ def encode_texts(count: int = 284) -> list[str]:
 # -- the two sides (run inside a worker process) -----------------------------------------------
 
 
+def optimizer_step(forward_loss, optimizer: torch.optim.Optimizer, params: list):
+    """``step()`` of one side: ``forward_loss()`` -> (loss, real tokens, positions), then the
+    backward, gradients clipped to norm 1 and the optimizer step; returns (real tokens,
+    positions). The same for both sides, so only their forwards differ."""
+
+    def step() -> tuple[int, int]:
+        loss, real, positions = forward_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return real, positions
+
+    return step
+
+
 #: latentembed variants of the ablation (``--ablation``), each undoing one of the step's savings.
 VARIANTS = {
     "default": "as shipped: packed input, seeded LoRA dropout",
@@ -118,13 +134,7 @@ def latentembed_side(spec: dict, *, with_loss: bool = False):
         loss = loss_fn(emb[:B], emb[B : 2 * B], hard_negatives=emb[2 * B :].view(B, 1, -1))
         return loss, batch.num_tokens, args[0].numel()
 
-    def step() -> tuple[int, int]:
-        loss, real, positions = forward_loss()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        return real, positions
+    step = optimizer_step(forward_loss, optimizer, params)
 
     def encode(texts_: list[str]) -> None:
         model.encode(texts_, batch_size=32, max_length=spec["max_length"])
@@ -171,13 +181,7 @@ def st_peft_side(spec: dict, *, with_loss: bool = False):
         real = sum(int(f["attention_mask"].sum()) for f in features)
         return loss_fn(features, None), real, sum(f["input_ids"].numel() for f in features)
 
-    def step() -> tuple[int, int]:
-        loss, real, positions = forward_loss()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        return real, positions
+    step = optimizer_step(forward_loss, optimizer, params)
 
     def encode(texts_: list[str]) -> None:
         st.encode(texts_, batch_size=32, convert_to_tensor=True)
