@@ -6,8 +6,13 @@ import importlib.util
 
 import pytest
 import torch
+from tokenizers import Tokenizer
+from torch.utils.flop_counter import FlopCounterMode
 
 from latentembed.bench import BENCHMARKS, ON_REQUEST, train_step
+from latentembed.bench.train_step_sides import encode_texts, latentembed_side, st_peft_side, tiny_model_dir
+
+ANCHORS = all(importlib.util.find_spec(m) for m in ("sentence_transformers", "peft"))
 
 
 def test_train_step_runs_both_sides_and_reports_ratios():
@@ -34,6 +39,34 @@ def test_train_step_runs_both_sides_and_reports_ratios():
     assert "causal attention only" in skipped["st-peft bidir"]
 
 
+@pytest.mark.parametrize(
+    "side",
+    [
+        latentembed_side,
+        pytest.param(st_peft_side, marks=pytest.mark.skipif(not ANCHORS, reason="needs sentence-transformers, peft")),
+    ],
+    ids=["latentembed", "st-peft"],
+)
+def test_encode_counts_positions_and_its_matmul_floor_is_exact(side, tmp_path):
+    """encode's (real tokens, positions) and the floor's FLOPs per position, against torch's
+    own FLOP counter on the side's whole encode (every matmul: base weights and LoRA)."""
+    model = str(tiny_model_dir(tmp_path))
+    spec = dict(model=model, causal=True, max_length=128, dropout=0.1, checkpointing=False, device="cpu", batch=8)
+    _, encode = side(spec)
+    texts = encode_texts(40)
+    with FlopCounterMode(display=False) as counter:
+        real, positions = encode(texts)
+    flops = counter.get_flop_counts()["Global"]
+    matmul = sum(v for op, v in flops.items() if str(op) in ("aten.mm", "aten.addmm", "aten.bmm"))
+    assert matmul == positions * train_step.linear_flops_per_position(model)
+    tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert real == sum(min(len(tokenizer.encode(t).ids), 128) for t in texts)
+    if side is latentembed_side:
+        assert positions == real  # packed: no padding computed
+    else:
+        assert positions > real  # padded batches of 32
+
+
 def _row(impl, config, ms, mib, tokens=100):
     return train_step.StepMeasurement(
         op="train_step",
@@ -56,8 +89,13 @@ def test_summary_says_met_and_missed():
         _row("latentembed", "encode", 80.0, 1.0),
         _row("st-peft", "encode", 100.0, 1.0),
     ]
+    rows[2].positions, rows[2].floor_s, rows[2].matmul_gflops = 100, 0.06, 150.0
+    rows[3].positions, rows[3].floor_s, rows[3].matmul_gflops = 110, 0.066, 150.0
     report = train_step.summarize(rows)
     assert "causal: step time latentembed / st-peft = 0.90x (target <= 1.0x) -> met" in report
+    assert "encode latentembed: 100 positions; its linear layers need 0.1 s at the measured 150 GFLOP/s" in report
+    assert "75% of its median" in report and "66% of its median" in report
+    assert "encode: latentembed at its matmul floor would be 0.60x st-peft" in report
     assert "causal: peak memory latentembed / st-peft = 1.20x (target <= 1.0x) -> MISSED" in report
     assert "encode: encode time latentembed / st-peft = 0.80x (target <= 0.75x) -> MISSED" in report
 

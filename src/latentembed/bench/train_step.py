@@ -21,7 +21,10 @@ the timed steps, reset after the warm-up (and the whole process's peak too); on 
 min / max), the peaks, real tokens per second, and latentembed / st-peft ratios, without and
 with gradient checkpointing; causal attention on both sides (sentence-transformers runs
 Llama causal), plus latentembed bidirectional against the same baseline. ``encode`` embeds
-every document text of the workload (fp32, batch 32) on both sides.
+every document text of the workload (fp32, batch 32) on both sides and reports the positions
+each computed and its matmul floor: the linear layers' FLOPs over those positions at the fp32
+matmul rate measured in the same process (encode is matmul-bound, so the floor says how close
+each side is to the machine and which ratio the workload allows at all).
 
 Without ``--model``, a tiny random Llama checkpoint with a tokenizer is written to a temporary
 directory (a smoke run: the targets apply to the real model only).
@@ -67,6 +70,8 @@ class StepMeasurement(Measurement):
     peak_process_mib: Optional[float] = None  # whole process (load included), CPU only
     wall_s: float = 0.0  # the worker process, start to end
     over_torch_s: float = 0.0  # "import" rows: the package's import after torch's (median_ms: both)
+    floor_s: float = 0.0  # "encode" rows: the linear layers' FLOPs at the measured matmul rate
+    matmul_gflops: float = 0.0  # "encode" rows: that rate (fp32, the model's MLP shape)
 
 
 # -- worker --------------------------------------------------------------------------------------
@@ -91,6 +96,37 @@ def _peak_rss_mib() -> Optional[float]:
     return None
 
 
+def linear_flops_per_position(model_dir: str, lora_rank: int = 16) -> int:
+    """FLOPs per position of the backbone's linear layers (the seven LoRA targets with their
+    rank-``lora_rank`` adapters, unmerged as on both sides), from the model directory's
+    config.json (Llama / Mistral / Qwen2 keys). Attention scores and elementwise work are left
+    out: a lower bound on the forward's work."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    d, f, heads = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or d // heads
+    q, kv = heads * head_dim, cfg.get("num_key_value_heads", heads) * head_dim
+    # (in, out) of q, k, v, o, gate, up, down
+    shapes = ((d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d))
+    per_layer = sum(2 * i * o + 2 * lora_rank * (i + o) for i, o in shapes)
+    return cfg["num_hidden_layers"] * per_layer
+
+
+def matmul_flops_per_s(device: torch.device, k: int, n: int, m: int = 4096, reps: int = 10) -> float:
+    """The fp32 matmul rate measured on ``device`` at [m, k] x [k, n] (median of ``reps``
+    after 3 warm-ups): the ceiling of a forward made of linear layers of that shape."""
+    a = torch.randn(m, k, device=device)
+    b = torch.randn(k, n, device=device)
+    times = []
+    for i in range(3 + reps):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    return 2 * m * k * n / statistics.median(times)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -110,10 +146,12 @@ def worker(spec: dict) -> dict:
         for _ in range(spec["steps"]):
             _sync(device)
             t = time.perf_counter()
-            encode(texts)
+            real, positions = encode(texts)
             _sync(device)
             times.append(time.perf_counter() - t)
-        real, positions = len(texts), 0
+        cfg = json.loads((Path(spec["model"]) / "config.json").read_text())
+        rate = matmul_flops_per_s(device, cfg["hidden_size"], cfg["intermediate_size"])
+        out.update(floor_s=positions * linear_flops_per_position(spec["model"]) / rate, matmul_gflops=rate / 1e9)
     else:
         for _ in range(spec["warmup"]):
             step()
@@ -263,6 +301,8 @@ def run(
                         tokens_per_s=res["real_tokens"] / med,
                         peak_process_mib=res["peak_process_mib"],
                         wall_s=res["wall_s"],
+                        floor_s=res.get("floor_s", 0.0),
+                        matmul_gflops=res.get("matmul_gflops", 0.0),
                     )
                 )
     finally:
@@ -333,6 +373,15 @@ def summarize(rows: list) -> str:
         against = "" if "bidir" not in config else " (vs st-peft causal)"
         if config == "encode":
             checks = [("encode time", ours.median_ms / base.median_ms)]
+            for r in (ours, base):
+                lines.append(
+                    f"encode {r.impl}: {r.positions} positions; its linear layers need {r.floor_s:.1f} s at the "
+                    f"measured {r.matmul_gflops:.0f} GFLOP/s: {r.floor_s * 1e3 / r.median_ms:.0%} of its median"
+                )
+            lines.append(
+                f"encode: latentembed at its matmul floor would be {ours.floor_s * 1e3 / base.median_ms:.2f}x "
+                "st-peft (the best ratio this workload allows in fp32)"
+            )
         else:
             checks = [
                 ("step time", ours.median_ms / base.median_ms),

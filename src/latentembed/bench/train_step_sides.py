@@ -2,7 +2,7 @@
 workload, latentembed's step and encode, sentence-transformers + PEFT's, and a tiny random
 model for runs without a model directory. Each side's builder runs inside a worker process
 and returns ``(step, encode)``: ``step()`` runs one optimizer step and returns (real tokens,
-positions computed); ``encode(texts)`` embeds texts."""
+positions computed); ``encode(texts)`` embeds texts and returns the same two counts."""
 
 from __future__ import annotations
 
@@ -52,6 +52,18 @@ def encode_texts(count: int = 284) -> list[str]:
 
 
 # -- the two sides (run inside a worker process) -----------------------------------------------
+
+
+class PositionCounter:
+    """Adds up the positions an embedding layer embeds (a forward hook on it): what the
+    backbone computes, padding included (a packed forward embeds the real tokens only)."""
+
+    def __init__(self, embedding: torch.nn.Module):
+        self.total = 0
+        embedding.register_forward_hook(self._count)
+
+    def _count(self, _module, args, _output) -> None:
+        self.total += args[0].numel()
 
 
 def optimizer_step(forward_loss, optimizer: torch.optim.Optimizer, params: list):
@@ -135,9 +147,14 @@ def latentembed_side(spec: dict, *, with_loss: bool = False):
         return loss, batch.num_tokens, args[0].numel()
 
     step = optimizer_step(forward_loss, optimizer, params)
+    embedded = PositionCounter(model.backbone.embed_tokens)
 
-    def encode(texts_: list[str]) -> None:
+    def encode(texts_: list[str]) -> tuple[int, int]:
+        """Embed ``texts_``; returns (real tokens, positions computed)."""
+        before = embedded.total
         model.encode(texts_, batch_size=32, max_length=spec["max_length"])
+        real = sum(len(ids) for ids in model.tokenize_texts(texts_, max_length=spec["max_length"]).input_ids)
+        return real, embedded.total - before
 
     return (step, encode, forward_loss) if with_loss else (step, encode)
 
@@ -182,9 +199,13 @@ def st_peft_side(spec: dict, *, with_loss: bool = False):
         return loss_fn(features, None), real, sum(f["input_ids"].numel() for f in features)
 
     step = optimizer_step(forward_loss, optimizer, params)
+    embedded = PositionCounter(backbone.get_input_embeddings())
 
-    def encode(texts_: list[str]) -> None:
+    def encode(texts_: list[str]) -> tuple[int, int]:
+        """Embed ``texts_``; returns (real tokens, positions computed)."""
+        before = embedded.total
         st.encode(texts_, batch_size=32, convert_to_tensor=True)
+        return int(st.tokenize(texts_)["attention_mask"].sum()), embedded.total - before
 
     return (step, encode, forward_loss) if with_loss else (step, encode)
 
