@@ -2,7 +2,9 @@
 workload, latentembed's step and encode, sentence-transformers + PEFT's, and a tiny random
 model for runs without a model directory. Each side's builder runs inside a worker process
 and returns ``(step, encode)``: ``step()`` runs one optimizer step and returns (real tokens,
-positions computed); ``encode(texts)`` embeds texts and returns the same two counts."""
+positions computed); ``encode(texts)`` embeds texts and returns the same two counts (its real
+tokens from a second tokenization inside the timed call, on both sides: 0.07 s of a 56 s encode
+of the 284 documents on SmolLM2)."""
 
 from __future__ import annotations
 
