@@ -3,6 +3,7 @@ same step in sentence-transformers + PEFT on a tiny random model (a smoke run, n
 each in its own subprocess, and reports the ratios."""
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -58,7 +59,8 @@ def test_encode_counts_positions_and_its_matmul_floor_is_exact(side, tmp_path):
         real, positions = encode(texts)
     flops = counter.get_flop_counts()["Global"]
     matmul = sum(v for op, v in flops.items() if str(op) in ("aten.mm", "aten.addmm", "aten.bmm"))
-    assert matmul == positions * train_step.linear_flops_per_position(model)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert matmul == positions * train_step.linear_flops_per_position(config)
     tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     assert real == sum(min(len(tokenizer.encode(t).ids), 128) for t in texts)
     if side is latentembed_side:

@@ -11,22 +11,13 @@ from latentembed.models.embedding import EmbeddingModel
 from latentembed.models.embedding_config import EmbeddingConfig
 from latentembed.tokenization import pack_sequences
 
-from .decoder_helpers import random_batch
+from .decoder_helpers import TINY, random_batch
 
 LENGTHS = [9, 1, 4, 7, 3]
 
 
-def tiny(**overrides) -> DecoderModel:
-    cfg = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    cfg.update(overrides)
-    return DecoderModel(DecoderConfig(**cfg))
+def tiny() -> DecoderModel:
+    return DecoderModel(DecoderConfig(**TINY))
 
 
 def _rows_seen(model, call) -> list:

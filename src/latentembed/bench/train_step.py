@@ -96,12 +96,11 @@ def _peak_rss_mib() -> Optional[float]:
     return None
 
 
-def linear_flops_per_position(model_dir: str, lora_rank: int = 16) -> int:
+def linear_flops_per_position(cfg: dict, lora_rank: int = 16) -> int:
     """FLOPs per position of the backbone's linear layers (the seven LoRA targets with their
     rank-``lora_rank`` adapters, unmerged as on both sides), from the model directory's
-    config.json (Llama / Mistral / Qwen2 keys). Attention scores and elementwise work are left
-    out: a lower bound on the forward's work."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    config.json read as ``cfg`` (Llama / Mistral / Qwen2 keys). Attention scores and elementwise
+    work are left out: a lower bound on the forward's work."""
     d, f, heads = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or d // heads
     q, kv = heads * head_dim, cfg.get("num_key_value_heads", heads) * head_dim
@@ -151,7 +150,7 @@ def worker(spec: dict) -> dict:
             times.append(time.perf_counter() - t)
         cfg = json.loads((Path(spec["model"]) / "config.json").read_text())
         rate = matmul_flops_per_s(device, cfg["hidden_size"], cfg["intermediate_size"])
-        out.update(floor_s=positions * linear_flops_per_position(spec["model"]) / rate, matmul_gflops=rate / 1e9)
+        out.update(floor_s=positions * linear_flops_per_position(cfg) / rate, matmul_gflops=rate / 1e9)
     else:
         for _ in range(spec["warmup"]):
             step()
